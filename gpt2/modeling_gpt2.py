@@ -91,33 +91,25 @@ class GPT2Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        is_causal, bias = False, None
-        if attention_mask is None:
-            # No padding and no cache: the plain causal pattern, which SDPA applies without a mask tensor.
-            is_causal = length > 1
-        else:
-            # attention_mask is True where a query may look at a key. Turn it into an additive bias:
-            # 0 where allowed, the most negative number where not, so softmax gives those keys weight 0.
-            bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-            bias = bias.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
-
-        dropout = self.attn_dropout.p if self.training else 0.0
+        # attention_mask is True where a query may look at a key. None means the plain causal pattern
+        # (no padding; either no cache, or a single new token that may see everything before it).
         if self.config._attn_implementation == "eager" or output_attentions:
-            # The textbook formula softmax(q·kᵀ/√d + mask)·v, spelled out, so the weights can be returned.
+            # The textbook formula softmax(q·kᵀ·scale + mask)·v, spelled out, so the weights can be returned.
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
-            if is_causal:
-                bias = torch.zeros(length, key.size(-2), dtype=scores.dtype, device=scores.device)
-                bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(1), torch.finfo(scores.dtype).min)
-            if bias is not None:
-                scores = scores + bias
+            allowed = attention_mask
+            if allowed is None:
+                total = key.size(-2)
+                allowed = torch.ones(length, total, dtype=torch.bool, device=scores.device).tril(total - length)
+            # The most negative number where a key is not allowed: softmax then gives it weight 0.
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             weights = F.softmax(scores, dim=-1).type(value.dtype)
-            weights = self.attn_dropout(weights)
-            output = torch.matmul(weights, value)
+            output = torch.matmul(self.attn_dropout(weights), value)
         else:
             # The same formula in one fused kernel (PyTorch's scaled_dot_product_attention): faster, and it
             # never stores the (length x length) weight matrix.
             output = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+                query, key, value, attn_mask=attention_mask, dropout_p=self.attn_dropout.p if self.training else 0.0,
+                is_causal=attention_mask is None and length > 1, scale=self.scale,
             )
             weights = None
 
