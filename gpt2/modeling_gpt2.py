@@ -100,8 +100,9 @@ class GPT2Attention(nn.Module):
             if allowed is None:
                 total = key.size(-2)
                 allowed = torch.ones(length, total, dtype=torch.bool, device=scores.device).tril(total - length)
-            # The most negative number where a key is not allowed: softmax then gives it weight 0.
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            # Add the most negative number where a key is not allowed: softmax then gives it weight 0.
+            bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
+            scores = scores + bias.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             weights = F.softmax(scores, dim=-1).type(value.dtype)
             output = torch.matmul(self.attn_dropout(weights), value)
         else:
