@@ -1,0 +1,201 @@
+"""Task 0 (ChatGLM.py --api): the OpenAI-compatible server, driven by the official `openai` client.
+
+The server runs in a background thread on a free 127.0.0.1 port, over the tiny random chat model of
+test_chatglm.py. Answers are checked against plain greedy model.generate on the same conversation.
+"""
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import ChatGLM
+from test_chatglm import engine, reference, tiny_dir  # noqa: F401  (session fixtures)
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "你好"}]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(engine):  # noqa: F811
+    settings = ChatGLM.Settings(max_new_tokens=12, temperature=0, top_p=1.0)
+    app = ChatGLM.build_api_app(engine, settings, "tiny-chat", api_key=KEY)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "the API server did not start"
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+
+
+def test_completion_equals_model_generate(client, engine):  # noqa: F811
+    messages = [{"role": "system", "content": "你是一个语言模型"}, {"role": "user", "content": "今天天气很好"}]
+    result = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=20, temperature=0)
+    text, new_ids, prompt_ids = reference(engine, messages, 20)
+    choice = result.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert choice.finish_reason == ("stop" if new_ids[-1] == engine.tokenizer.eos_token_id else "length")
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert result.usage.completion_tokens == len(new_ids)
+    assert result.usage.total_tokens == len(prompt_ids) + len(new_ids)
+    assert result.object == "chat.completion" and result.model == "tiny-chat"
+
+
+def test_streaming_chunks(client, engine):  # noqa: F811
+    stream = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text, new_ids, prompt_ids = reference(engine, HELLO, 20)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(contents) > 1 and "".join(contents) == text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length" if new_ids[-1] != engine.tokenizer.eos_token_id else "stop"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens == len(prompt_ids)
+    assert usage.completion_tokens == len(new_ids)
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_sse_format(server):
+    body = {"model": "tiny-chat", "messages": HELLO, "stream": True, "max_tokens": 5}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert last["object"] == "chat.completion.chunk" and last["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in last  # only with stream_options.include_usage
+
+
+def test_stop_strings(client, engine):  # noqa: F811
+    full, _, _ = reference(engine, HELLO, 30)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    expected = full[:full.index(stop)]
+    result = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=30, temperature=0,
+                                            stop=[stop, "never"])
+    assert result.choices[0].message.content == expected and result.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=30, temperature=0,
+                                            stop=stop, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": "m", "messages": HELLO, "temperature": 5}, "temperature"),
+    ({"model": "m", "messages": HELLO, "top_p": "high"}, "top_p"),
+    ({"model": "m", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "messages": HELLO, "n": 2}, "n"),
+    ({"model": "m", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "今天天气很好 " * 300}]}, "messages"),
+])
+def test_bad_requests_get_a_clear_400_and_the_server_goes_on(server, client, body, param):
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=3).choices[0].message.content
+
+
+def test_bad_requests_through_the_client(server, client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="m", messages=HELLO, temperature=5)
+    assert error.value.status_code == 400 and "temperature" in str(error.value)
+    response = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_api_key_is_required(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="m", messages=HELLO)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    response = httpx.get(f"{server}/v1/models", timeout=10)  # no key at all
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_concurrent_requests_are_queued_not_dropped(client, engine, monkeypatch):  # noqa: F811
+    questions = ["你好", "hello world", "今天天气很好", "我们一起学习", "the quick brown fox", "你好 世界"]
+    results, errors = {}, []
+    active, most = [0], [0]
+    generate = engine.model.generate
+
+    def counting_generate(*args, **kwargs):  # one model serves everyone: never two generations at once
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)
+            return generate(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(engine.model, "generate", counting_generate)
+
+    def ask(i, question):
+        try:
+            messages = [{"role": "user", "content": question}]
+            if i % 2:
+                stream = client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                                        temperature=0, stream=True)
+                results[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+            else:
+                results[i] = client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                                            temperature=0).choices[0].message.content
+        except Exception as error:  # collected: an exception in a thread would not fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=item) for item in enumerate(questions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and most[0] == 1
+    for i, question in enumerate(questions):
+        assert results[i] == reference(engine, [{"role": "user", "content": question}], 16)[0]
+
+
+def test_a_client_that_hangs_up_does_not_block_the_next(server, client, engine):  # noqa: F811
+    body = {"model": "m", "messages": HELLO, "stream": True, "max_tokens": 240, "temperature": 0}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        next(response.iter_lines())  # read a little, then close the connection mid-answer
+    started = time.time()
+    result = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, temperature=0)
+    assert result.choices[0].message.content == reference(engine, HELLO, 4)[0]
+    assert time.time() - started < 60
