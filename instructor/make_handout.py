@@ -1,0 +1,218 @@
+"""Make the student handout of Task 4: the reference GPT-2 with some fragments replaced by [MASK], and its answer key.
+
+    python instructor/make_handout.py                      # gpt2/modeling_gpt2.py + instructor/mask_spec.toml
+    python instructor/make_handout.py --out-dir out/handout --spec my_spec.toml
+
+Writes, in --out-dir (default `out/handout/`, which git ignores):
+    modeling_gpt2.py     the handout: give this file to the students
+    answer_key.json      the answer of every [MASK], in order (keep it to yourself; grade.py reads it)
+    answer_key.md        the same, as a table to read
+
+The mask specification (`instructor/mask_spec.toml`) lists, for each blank, a piece of one line of the reference
+(`find`) and the part of it that becomes [MASK] (`mask`). Each `find` must occur exactly once (inside the class or
+function named by `in`), else the script stops and names the entry: when the reference changes, the spec must be
+fixed by hand instead of masking the wrong thing. Filling the answers back into the handout gives the reference
+byte for byte; the script checks that before it writes anything.
+"""
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT / "gpt2" / "modeling_gpt2.py"
+DEFAULT_SPEC = Path(__file__).resolve().parent / "mask_spec.toml"
+DEFAULT_OUT = ROOT / "out" / "handout"
+MASK = "[MASK]"
+
+
+class HandoutError(Exception):
+    """A problem that ends the run with one clear sentence instead of a stack trace."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the specification
+# ----------------------------------------------------------------------------------------------------------
+
+def load_spec(path):
+    """The list of mask entries from a TOML file, each checked for the keys it needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise HandoutError(f"no such mask specification: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise HandoutError(f"{path} is not valid TOML: {error}") from None
+    entries = data.get("mask")
+    if not isinstance(entries, list) or not entries:
+        raise HandoutError(f"{path} has no [[mask]] entries")
+    for number, entry in enumerate(entries, 1):
+        find = entry.get("find")
+        if not isinstance(find, str) or not find.strip() or "\n" in find:
+            raise HandoutError(f"mask entry #{number} of {path} needs `find`: a non-empty piece of one line")
+        mask = entry.setdefault("mask", find)
+        if not isinstance(mask, str) or not mask.strip():
+            raise HandoutError(f"mask entry #{number} of {path} has an empty `mask`")
+        if find.count(mask) != 1:
+            raise HandoutError(f"mask entry #{number} of {path}: `mask` {mask!r} must occur exactly once in `find` {find!r}")
+        entry.setdefault("section", "")
+        entry["number"] = number
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding each fragment: exactly once, or a clear error
+# ----------------------------------------------------------------------------------------------------------
+
+def indent_of(line):
+    return len(line) - len(line.lstrip())
+
+
+def scope_lines(lines, name, entry):
+    """(first, last) line indices of the class or function `name`: its header and its indented body."""
+    pattern = re.compile(rf"^\s*(?:async\s+)?(?:class|def)\s+{re.escape(name)}\b")
+    headers = [i for i, line in enumerate(lines) if pattern.match(line)]
+    if len(headers) != 1:
+        raise HandoutError(f"mask entry #{entry['number']} ({entry['find']!r}): `in = {name!r}` names "
+                           f"{len(headers)} classes/functions in the reference, not exactly one")
+    start = headers[0]
+    end = start
+    for i in range(start + 1, len(lines)):
+        if lines[i].strip() and indent_of(lines[i]) <= indent_of(lines[start]):
+            break
+        end = i
+    return start, end
+
+
+def locate(lines, entry):
+    """(line index, start column, end column) of the entry's masked part; `find` must occur exactly once."""
+    first, last = scope_lines(lines, entry["in"], entry) if entry.get("in") else (0, len(lines) - 1)
+    hits = []
+    for i in range(first, last + 1):
+        start = lines[i].find(entry["find"])
+        while start != -1:
+            hits.append((i, start))
+            start = lines[i].find(entry["find"], start + 1)
+    where = f" inside {entry['in']}" if entry.get("in") else ""
+    if len(hits) != 1:
+        found = "not found" if not hits else f"found {len(hits)} times (lines {', '.join(str(i + 1) for i, _ in hits)})"
+        raise HandoutError(f"mask entry #{entry['number']} ({entry['section']}): {entry['find']!r} {found}{where} in the "
+                           "reference; it must occur exactly once: update instructor/mask_spec.toml")
+    i, start = hits[0]
+    offset = start + entry["find"].index(entry["mask"])
+    return i, offset, offset + len(entry["mask"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Making the handout, and filling it back
+# ----------------------------------------------------------------------------------------------------------
+
+def build_handout(reference_text, spec):
+    """(handout text, slots): slots in the order their [MASK] appears, each with its answer and handout line."""
+    if MASK in reference_text:
+        raise HandoutError(f"the reference itself contains the text {MASK}: it cannot be masked unambiguously")
+    lines_with_ends = reference_text.splitlines(keepends=True)
+    lines = [line.rstrip("\r\n") for line in lines_with_ends]
+    spans = {}  # line index -> [(start, end, entry)]
+    for entry in spec:
+        i, start, end = locate(lines, entry)
+        spans.setdefault(i, []).append((start, end, entry))
+    for i, line_spans in spans.items():
+        line_spans.sort(key=lambda s: s[0])
+        for (s1, e1, a), (s2, e2, b) in zip(line_spans, line_spans[1:]):
+            if s2 <= e1:  # touching masks could not be told apart when reading a student's fill back
+                raise HandoutError(f"mask entries #{a['number']} and #{b['number']} overlap or touch on line {i + 1}")
+
+    out, slots = [], []
+    for i, line in enumerate(lines_with_ends):
+        content, ending = line[: len(lines[i])], line[len(lines[i]):]
+        for start, end, entry in sorted(spans.get(i, []), key=lambda s: s[0], reverse=True):
+            content = content[:start] + MASK + content[end:]
+        for start, end, entry in sorted(spans.get(i, []), key=lambda s: s[0]):
+            slots.append({"slot": len(slots) + 1, "section": entry["section"], "line": i + 1,
+                          "answer": lines[i][start:end], "spec_entry": entry["number"]})
+        out.append(content + ending)
+    handout = "".join(out)
+    for slot in slots:
+        slot["handout_line"] = handout.splitlines()[slot["line"] - 1]
+    return handout, slots
+
+
+def fill_handout(handout_text, answers):
+    """Put the answers into the [MASK]s, in order. fill_handout(*build_handout(ref)) == ref, byte for byte."""
+    pieces = handout_text.split(MASK)
+    if len(pieces) - 1 != len(answers):
+        raise HandoutError(f"the handout has {len(pieces) - 1} [MASK]s but {len(answers)} answers were given")
+    return pieces[0] + "".join(answer + piece for answer, piece in zip(answers, pieces[1:]))
+
+
+def make(reference_path=DEFAULT_REFERENCE, spec_path=DEFAULT_SPEC):
+    """Read the reference and the spec; return (reference text, handout text, answer key dict), round trip checked."""
+    reference_path = Path(reference_path)
+    if not reference_path.is_file():
+        raise HandoutError(f"no such reference file: {reference_path}")
+    reference = reference_path.read_bytes().decode("utf-8")
+    handout, slots = build_handout(reference, load_spec(spec_path))
+    if fill_handout(handout, [s["answer"] for s in slots]) != reference:  # cannot happen; never hand out a bad key
+        raise HandoutError("internal error: the answer key does not reproduce the reference")
+    key = {
+        "reference": str(reference_path),
+        "reference_sha256": hashlib.sha256(reference.encode()).hexdigest(),
+        "handout_sha256": hashlib.sha256(handout.encode()).hexdigest(),
+        "spec": str(spec_path),
+        "slots": slots,
+    }
+    return reference, handout, key
+
+
+def key_markdown(key):
+    rows = ["| # | section | line | handout line | answer |", "|---|---|---|---|---|"]
+    for s in key["slots"]:
+        code = s["handout_line"].strip().replace("|", "\\|")
+        rows.append(f"| {s['slot']} | {s['section']} | {s['line']} | `{code}` | `{s['answer'].replace('|', chr(92) + '|')}` |")
+    return "# Answer key of the Task 4 handout\n\n" + "\n".join(rows) + "\n"
+
+
+def write_outputs(out_dir, handout, key):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "modeling_gpt2.py").write_bytes(handout.encode("utf-8"))
+    (out_dir / "answer_key.json").write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "answer_key.md").write_text(key_markdown(key), encoding="utf-8")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="the complete modeling file (default: %(default)s)")
+    parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="the mask specification (default: %(default)s)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where to write the handout and the key (default: %(default)s)")
+    args, _unknown = parser.parse_known_args(argv)  # a notebook kernel passes arguments of its own
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _reference, handout, key = make(args.reference, args.spec)
+    write_outputs(args.out_dir, handout, key)
+    sections = {}
+    for s in key["slots"]:
+        sections[s["section"]] = sections.get(s["section"], 0) + 1
+    print(f"{len(key['slots'])} [MASK]s (" + ", ".join(f"{n} {name}" for name, n in sections.items()) + ")")
+    for s in key["slots"]:
+        print(f"  #{s['slot']:<3} line {s['line']:<4} {s['handout_line'].strip()}")
+    out = Path(args.out_dir)
+    print(f"\nHandout: {out / 'modeling_gpt2.py'}   (give it to the students)")
+    print(f"Key:     {out / 'answer_key.json'}, {out / 'answer_key.md'}   (keep them; grade.py --key reads the JSON)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except HandoutError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(2)
