@@ -170,6 +170,12 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]  # old checkpoints stored the causal mask
 
+    @classmethod
+    def _can_set_attn_implementation(cls):
+        # Our attention reads config._attn_implementation at every call, so set_attn_implementation("eager"
+        # or "sdpa") may switch it at any time. (transformers guesses this from the source text otherwise.)
+        return True
+
     def _init_weights(self, module):
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
         std = self.config.initializer_range

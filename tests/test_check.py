@@ -37,6 +37,8 @@ MUTANTS = [
     ("no position embedding", "hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))", "hidden_states = self.drop(inputs_embeds)", "embeddings"),
     ("loss without the shift", "shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]", "shift_labels = labels", None),
     ("untied head", '_tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}', "_tied_weights_keys = {}", None),
+    ("SDPA without the causal flag", "is_causal=attention_mask is None and length > 1", "is_causal=False", None),
+    ("SDPA ignores the mask", "query, key, value, attn_mask=attention_mask,", "query, key, value, attn_mask=None,", None),
     ("cache not used", "key, value = cache.update(key, value, self.layer_idx)", "cache.update(key, value, self.layer_idx)", None),
 ]
 
