@@ -1,0 +1,791 @@
+"""Task 8: supervised fine-tuning (SFT) of GPT-2 on ShareGPT conversations, with LoRA and 4-bit quantization.
+
+任务 8：用 ShareGPT 格式的 GPT-4 对话（OpenChat 的 sharegpt_gpt4.json，约 6.2k 条）对 GPT-2 做有监督微调。
+"Mean(GPT2, GPT4) = GPT3?" —— 用 LoRA 只训练很少的参数，用 4-bit 量化节省显存，然后用 ChatGPT2-base.py 聊天。
+
+What happens, top to bottom:
+  1. read the conversations (JSON list or JSONL), normalise every record to user / assistant / system turns,
+     skip the unusable ones and count them by reason;
+  2. render each conversation in ONE chat format (stored as the tokenizer's Jinja `chat_template`, saved next
+     to the adapter), tokenize it turn by turn and build `labels` by position: only the assistant replies and
+     their end-of-reply token `<|endoftext|>` are trained, everything else is -100;
+  3. split conversations longer than --max-length at turn boundaries into windows;
+  4. load GPT-2 (this repository's gpt2/modeling_gpt2.py; --reference for transformers' own), 4-bit on a GPU,
+     add LoRA adapters, and train with transformers' Trainer (length-grouped batches, checkpoints, --resume,
+     eval loss / perplexity before and after, a loss-curve PNG);
+  5. write the adapter + tokenizer atomically to --output (and a merged model with --merge).
+
+Run:
+  python Supervised_Fine-Tuning.py                               # defaults: model/gpt2-base, data/sharegpt_gpt4.json
+  python Supervised_Fine-Tuning.py --max-steps 200 --save-steps 50
+  python Supervised_Fine-Tuning.py --resume                      # continue after Colab / Ctrl-C / kill
+  python Supervised_Fine-Tuning.py --dump-dataset train.jsonl    # only show what would be trained, then exit
+  accelerate launch Supervised_Fine-Tuning.py ...                # several GPUs (or torchrun --nproc_per_node N)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+# Make `import gpt2.modeling_gpt2` work whatever the current directory is (Colab cells, tests, torchrun).
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+DEFAULT_MODEL = "model/gpt2-base"
+HUB_MODEL = "gpt2"
+DEFAULT_DATA = "data/sharegpt_gpt4.json"
+HUB_DATASET = "openchat/openchat_sharegpt4_dataset"
+HUB_DATA_FILE = "sharegpt_gpt4.json"
+DEFAULT_OUTPUT = "model/chatgpt2-base"
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv + output projection, MLP in + out
+IGNORE = -100  # label value that CrossEntropyLoss (and every 🤗 model) ignores
+
+# ShareGPT dumps name their speakers in many ways; everything maps onto three roles.
+ROLE_MAP = {
+    "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "bard": "assistant", "gpt4": "assistant", "gpt-4": "assistant", "model": "assistant", "bot": "assistant",
+    "system": "system",
+}
+TURN_KEYS = ("items", "conversations", "messages")  # OpenChat, classic ShareGPT, OpenAI-style
+
+
+def log(*args):
+    """Print on the main process only: under torchrun / accelerate every GPU runs this script."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def fail(message):
+    """End with one clear sentence instead of a stack trace (exit status 1)."""
+    raise SystemExit(f"Error: {message}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="LoRA (+4-bit) supervised fine-tuning of GPT-2 on ShareGPT conversations.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model directory or hub id (default {DEFAULT_MODEL}, hub `{HUB_MODEL}`)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="ShareGPT conversations: a JSON list or JSONL file")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the LoRA adapter + tokenizer (with chat template) go")
+    p.add_argument("--reference", action="store_true", help="use transformers' GPT2LMHeadModel instead of gpt2/modeling_gpt2.py")
+    # length of training
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=4, help="conversations (windows) per device per step")
+    p.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per training window (GPT-2's context is 1024)")
+    p.add_argument("--seed", type=int, default=42)
+    # chat format
+    p.add_argument("--user-name", default="Human", help="speaker name of user turns in the chat format")
+    p.add_argument("--bot-name", default="chatgpt2-base", help="speaker name of assistant turns")
+    p.add_argument("--system-name", default="System", help="speaker name of system turns")
+    # memory savers
+    p.add_argument("--quant", choices=["auto", "4bit", "8bit", "none"], default="auto",
+                   help="auto = 4bit (NF4) on a CUDA GPU, none on CPU")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="mixed precision; auto = bf16 where the GPU/CPU supports it, else fp16 on GPU / fp32 on CPU")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward to save memory (default: on for GPU, off for CPU)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    # bookkeeping
+    p.add_argument("--eval-size", type=int, default=100, help="conversations held out for eval loss (at most 1/5 of the data; 0 = none)")
+    p.add_argument("--eval-steps", type=int, default=0, help="also evaluate every N steps (0 = only before and after training)")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=int, default=3)
+    p.add_argument("--checkpoint-dir", default=None, help="default: <output>-checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true", help="delete checkpoints of an earlier run and start over")
+    p.add_argument("--dump-dataset", metavar="OUT.jsonl", default=None,
+                   help="write the tokenized training examples (input_ids, labels) to OUT.jsonl and exit")
+    p.add_argument("--merge", action="store_true", help="also export base+adapter merged into one model (<output>-merged)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the adapter already in --output, no training")
+    p.add_argument("--merge-output", default=None, help="default: <output>-merged")
+    # parse_known_args: a Colab/Jupyter kernel passes its own arguments (-f kernel.json) to the script.
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        log(f"(ignoring unknown arguments: {' '.join(unknown)})")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Finding weights and data: local directory first, then the hub (and say so), fail fast when offline.
+# ---------------------------------------------------------------------------------------------------------
+
+def hub_reachable(timeout=3.0):
+    """A quick TCP check, so that no network fails in seconds instead of a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(path, default=DEFAULT_MODEL, hub_id=HUB_MODEL):
+    """Return a local directory with the model, downloading from the hub only when it is not on disk."""
+    if os.path.isdir(path):
+        return path
+    if not os.path.isabs(path) and os.path.isdir(os.path.join(HERE, path)):  # run from another directory
+        return os.path.join(HERE, path)
+    repo = hub_id if path == default else path
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]  # skip gpt2's TF/Flax/ONNX files
+    try:  # already in the hub cache from an earlier download?
+        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        fail(f"no model in {path} and the Hugging Face hub cannot be reached: create {path} with the files of "
+             f"hub id `{repo}` (e.g. `hf download {repo} --local-dir {path}` on a machine with network).")
+    log(f"{path} not found: downloading `{repo}` from the Hugging Face hub ...")
+    try:
+        return snapshot_download(repo, allow_patterns=patterns)
+    except Exception as e:
+        fail(f"could not download `{repo}` ({type(e).__name__}): create {path} with the files of hub id `{repo}`.")
+
+
+def resolve_data(path):
+    if os.path.isfile(path):
+        return path
+    if not os.path.isabs(path) and os.path.isfile(os.path.join(HERE, path)):
+        return os.path.join(HERE, path)
+    if path != DEFAULT_DATA:
+        fail(f"data file {path} not found.")
+    from huggingface_hub import hf_hub_download
+    kwargs = dict(repo_id=HUB_DATASET, filename=HUB_DATA_FILE, repo_type="dataset")
+    try:
+        return hf_hub_download(**kwargs, local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        fail(f"{path} not found and the hub cannot be reached: download `{HUB_DATA_FILE}` from the dataset "
+             f"`{HUB_DATASET}` and put it at {path}.")
+    log(f"{path} not found: downloading {HUB_DATA_FILE} from the dataset `{HUB_DATASET}` ...")
+    try:
+        return hf_hub_download(**kwargs)
+    except Exception as e:
+        fail(f"could not download {HUB_DATA_FILE} ({type(e).__name__}): put it at {path} "
+             f"(dataset `{HUB_DATASET}` on the Hugging Face hub).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Reading ShareGPT records. A bad record is skipped and counted, never a crash.
+# ---------------------------------------------------------------------------------------------------------
+
+def read_records(path):
+    """A JSON list of records, or JSONL (one record per line; a line that is not JSON counts as bad)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, list):
+        return data, Counter()
+    if isinstance(data, dict) and not any(k in data for k in TURN_KEYS):
+        fail(f"{path} holds one JSON object, not a list of conversations.")
+    if isinstance(data, dict):  # a JSONL file with a single line
+        return [data], Counter()
+    records, bad = [], Counter()
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad["not JSON"] += 1
+    if not records and bad:
+        fail(f"{path} is neither a JSON list nor JSONL.")
+    return records, bad
+
+
+def normalize_record(record):
+    """One ShareGPT record -> ([{"role", "content"}, ...], None), or (None, reason it cannot be used)."""
+    if not isinstance(record, dict):
+        return None, "not an object"
+    turns = next((record[k] for k in TURN_KEYS if k in record), None)
+    if not isinstance(turns, list) or not turns:
+        return None, "no turns"
+    messages = []
+    system = record.get("system")  # some dumps keep the system prompt next to the turns
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system.strip()})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None, "bad turn"
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str):
+            return None, "non-string text"
+        if not text.strip():
+            return None, "empty text"
+        role = ROLE_MAP.get(str(speaker).strip().lower())
+        if role is None:
+            return None, "unknown role"
+        # Leading/trailing white space carries no meaning and would make tokenization depend on the neighbours.
+        messages.append({"role": role, "content": text.strip()})
+    # The model learns to answer a user, so an assistant turn before any user turn has nothing to answer,
+    # and a final user turn has no answer to learn from.
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(messages) > first and messages[first]["role"] == "assistant":
+        del messages[first]
+    while messages and messages[-1]["role"] == "user":
+        messages.pop()
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, "no assistant reply"
+    return messages, None
+
+
+def load_conversations(path):
+    """Read a file and return (usable conversations, Counter of skip reasons)."""
+    records, skipped = read_records(path)
+    conversations = []
+    for record in records:
+        messages, reason = normalize_record(record)
+        if reason:
+            skipped[reason] += 1
+        else:
+            conversations.append(messages)
+    return conversations, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. One chat format: a Jinja template (what 🤗 tools use) and the same format built token by token here.
+#
+#    System: {system}\n  Human: {question}\n  chatgpt2-base: {reply}<|endoftext|>  Human: ...
+#
+#    Each piece ("Human:", " {text}", "\n", "chatgpt2-base:", " {reply}", EOS) ends where GPT-2's byte-level
+#    pre-tokenizer splits anyway, so tokenizing the pieces one by one gives exactly the tokens of tokenizing
+#    the rendered string — the tests check this against apply_chat_template.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ChatFormat:
+    user_name: str = "Human"
+    bot_name: str = "chatgpt2-base"
+    system_name: str = "System"
+
+    def __post_init__(self):
+        for name in (self.user_name, self.bot_name, self.system_name):
+            # The names are pasted into the Jinja source and must not change where tokens split.
+            if not name or name != name.strip() or re.search(r"[\"'\\{}%#\n]", name):
+                fail(f"speaker name {name!r} must be non-empty text without quotes, braces, %, # or outer spaces.")
+
+    def prefix(self, role):
+        return {"system": self.system_name, "user": self.user_name, "assistant": self.bot_name}[role] + ":"
+
+    def jinja(self):
+        """The chat template saved with the tokenizer (tokenizer.chat_template)."""
+        return (
+            "{%- for message in messages -%}\n"
+            "{%- if message['role'] == 'system' -%}\n"
+            f"{self.system_name}: {{{{ message['content'] | trim }}}}{{{{ '\\n' }}}}\n"
+            "{%- elif message['role'] == 'user' -%}\n"
+            f"{self.user_name}: {{{{ message['content'] | trim }}}}{{{{ '\\n' }}}}\n"
+            "{%- elif message['role'] == 'assistant' -%}\n"
+            f"{self.bot_name}: {{{{ message['content'] | trim }}}}{{{{ eos_token }}}}\n"
+            "{%- else -%}\n"
+            "{{ raise_exception('unknown role: ' + message['role']) }}\n"
+            "{%- endif -%}\n"
+            "{%- endfor -%}\n"
+            "{%- if add_generation_prompt -%}\n"
+            f"{self.bot_name}:\n"
+            "{%- endif -%}\n"
+        )
+
+
+@dataclass
+class Block:
+    """One turn as tokens: prefix ("Human:") + content (" text") + suffix ("\\n", or EOS after a reply)."""
+    prefix: list
+    content: list
+    suffix: list
+    trainable: bool  # assistant turn: content + suffix are learned
+
+    @property
+    def ids(self):
+        return self.prefix + self.content + self.suffix
+
+    @property
+    def labels(self):
+        learned = self.content + self.suffix if self.trainable else [IGNORE] * (len(self.content) + len(self.suffix))
+        return [IGNORE] * len(self.prefix) + learned
+
+    def __len__(self):
+        return len(self.prefix) + len(self.content) + len(self.suffix)
+
+
+def encode_conversations(conversations, tokenizer, fmt):
+    """Turn every conversation into a list of Blocks, tokenizing all message texts in one batch call."""
+    def plain(texts):
+        # split_special_tokens: a literal "<|endoftext|>" typed in a message is text, not the EOS token.
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    prefixes = dict(zip(["system", "user", "assistant"],
+                        plain([fmt.prefix("system"), fmt.prefix("user"), fmt.prefix("assistant")])))
+    newline = plain(["\n"])[0]
+    texts = [" " + m["content"].strip() for conv in conversations for m in conv]
+    contents = iter(plain(texts) if texts else [])
+    encoded = []
+    for conv in conversations:
+        blocks = []
+        for m in conv:
+            bot = m["role"] == "assistant"
+            blocks.append(Block(list(prefixes[m["role"]]), next(contents),
+                                [tokenizer.eos_token_id] if bot else list(newline), bot))
+        encoded.append(blocks)
+    return encoded
+
+
+def truncated_window(prompt, reply, max_length):
+    """A reply too long for one window: keep (at most half a window of) its prompt, cut the reply.
+    A cut reply gets no EOS: the model must not learn to stop in the middle of a sentence."""
+    ids, labels = [], []
+    if prompt is not None:
+        room = max(0, max_length // 2 - len(prompt.prefix) - len(prompt.suffix))
+        prompt = Block(prompt.prefix, prompt.content[:room], prompt.suffix, False)
+        ids, labels = prompt.ids, prompt.labels
+    room = max_length - len(ids) - len(reply.prefix)
+    whole = len(reply.content) + len(reply.suffix) <= room
+    kept = Block(reply.prefix, reply.content if whole else reply.content[:room], reply.suffix if whole else [], True)
+    return ids + kept.ids, labels + kept.labels, not whole
+
+
+def window_conversation(blocks, max_length):
+    """Split a conversation at turn boundaries into windows of at most max_length tokens.
+
+    Each window ends with an assistant reply, learns only replies that no earlier window learned, and is
+    filled backwards with as much preceding conversation (as context, not learned) as fits.
+    Returns a list of (input_ids, labels) and the number of replies that had to be cut."""
+    lengths = [len(b) for b in blocks]
+    span = lambda s, e: sum(lengths[s:e + 1])
+    windows, covered, cut = [], -1, 0
+    for a, block in enumerate(blocks):
+        if not block.trainable or a <= covered:
+            continue
+        start = a - 1 if a > 0 else a  # the reply plus the turn it answers
+        if span(start, a) > max_length:
+            ids, labels, was_cut = truncated_window(blocks[start] if start < a else None, block, max_length)
+            windows.append((ids, labels))
+            cut += was_cut
+            covered = a
+            continue
+        end, j = a, a + 1
+        while j < len(blocks) and span(start, j) <= max_length:  # more replies forward, while they fit
+            if blocks[j].trainable:
+                end = j
+            j += 1
+        while start > 0 and span(start - 1, end) <= max_length:  # then earlier turns as context
+            start -= 1
+        ids, labels = [], []
+        for k in range(start, end + 1):
+            ids += blocks[k].ids
+            labels += blocks[k].labels if k > covered else [IGNORE] * lengths[k]
+        windows.append((ids, labels))
+        covered = end
+    return windows, cut
+
+
+def build_examples(conversations, tokenizer, fmt, max_length):
+    """Conversations -> training examples {"input_ids", "labels", "length"} and a few counts."""
+    examples, stats = [], Counter()
+    for blocks in encode_conversations(conversations, tokenizer, fmt):
+        windows, cut = window_conversation(blocks, max_length)
+        stats["conversations"] += 1
+        stats["split"] += len(windows) > 1
+        stats["cut replies"] += cut
+        for ids, labels in windows:
+            examples.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+    return examples, stats
+
+
+def split_conversations(conversations, eval_size, seed):
+    """Hold out whole conversations (not windows), so no eval text was trained on."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(eval_size, len(conversations) // 5)
+    held = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    return train, [conversations[i] for i in sorted(held)]
+
+
+class PadToLongest:
+    """Collate a batch by padding to its longest example (the sampler groups similar lengths, so little is
+    padded). Padding is never learned (-100) and never attended to (mask 0); real EOS labels stay."""
+
+    def __init__(self, pad_id, multiple_of=None):
+        self.pad_id, self.multiple_of = pad_id, multiple_of
+
+    def __call__(self, features):
+        import torch
+        n = max(len(f["input_ids"]) for f in features)
+        if self.multiple_of:  # tensor cores like multiples of 8
+            n = -(-n // self.multiple_of) * self.multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = n - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Model: GPT-2 (ours or transformers'), quantized on a GPU, with LoRA adapters.
+# ---------------------------------------------------------------------------------------------------------
+
+def model_class(reference):
+    if reference:
+        from transformers import GPT2LMHeadModel
+        return GPT2LMHeadModel
+    try:
+        from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    except Exception as e:  # missing file or an unfinished handout
+        fail(f"cannot import gpt2/modeling_gpt2.py ({type(e).__name__}: {e}); finish it, or pass --reference "
+             f"to use transformers' GPT-2.")
+    return GPT2LMHeadModel
+
+
+def cpu_supports_bf16():
+    import torch
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def pick_precision(choice, cuda):
+    import torch
+    gpu_bf16 = cuda and torch.cuda.is_bf16_supported()
+    if choice == "auto":
+        return ("bf16" if gpu_bf16 else "fp16") if cuda else ("bf16" if cpu_supports_bf16() else "fp32")
+    if choice == "fp16" and not cuda:
+        log("fp16 mixed precision needs a GPU: training in fp32 on the CPU.")
+        return "fp32"
+    if choice == "bf16" and not (gpu_bf16 or (not cuda and cpu_supports_bf16())):
+        log("this device has no bf16 support: training in " + ("fp16." if cuda else "fp32."))
+        return "fp16" if cuda else "fp32"
+    return choice
+
+
+def pick_quant(choice, cuda):
+    if choice == "none":
+        return None
+    if not cuda:
+        if choice != "auto":
+            log(f"no CUDA GPU: {choice} quantization is for GPUs here, training without quantization.")
+        else:
+            log("no CUDA GPU: training without quantization (4-bit is used on a GPU).")
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        log("bitsandbytes is not installed (pip install bitsandbytes): training without quantization.")
+        return None
+    return "4bit" if choice == "auto" else choice
+
+
+def load_base_model(path, reference, quant, compute_dtype):
+    import torch
+    from transformers import BitsAndBytesConfig
+    kwargs = {}
+    if quant == "4bit":
+        # NF4 weights + double quantization (quantize the scales too), matrix products in bf16/fp16.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+    elif quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if quant:  # quantized weights live on one GPU per process (one process per GPU under torchrun)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    cls = model_class(reference)
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32 if not quant else None, **kwargs)
+    except (OSError, ValueError) as e:
+        fail(f"could not load a GPT-2 from {path} ({type(e).__name__}: {str(e).splitlines()[0]}).")
+    model.config.use_cache = False  # the KV cache is for generation; training does not need it
+    return model
+
+
+def add_lora(model, args, quant, gradient_checkpointing):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if quant:
+        # Casts layer norms etc. to fp32 and makes checkpointed inputs require grad (peft's recipe for k-bit).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        # Non-reentrant checkpointing works although the frozen base weights need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    # GPT-2's Conv1D stores weights as (in, out): LoRA must know (fan_in_fan_out=True). The quantizer turns
+    # Conv1D into ordinary (out, in) Linear4bit/Linear8bitLt layers, where it must be False.
+    first = next(m for name, m in model.named_modules() if name.endswith("c_attn"))
+    fan_in_fan_out = type(first).__name__ == "Conv1D"
+    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS,
+                        fan_in_fan_out=fan_in_fan_out, bias="none")
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA r={args.lora_r} on {', '.join(LORA_TARGETS)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Saving: atomically (a temporary directory renamed into place), a loss curve, a merged export.
+# ---------------------------------------------------------------------------------------------------------
+
+def atomic_save(out_dir, write):
+    """Call write(tmp_dir), then swap tmp_dir into out_dir: a reader never sees a half-written directory."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        write(tmp)
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_loss_curve(log_history, path):
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed (Colab, servers)
+    import matplotlib.pyplot as plt
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on assistant tokens")
+    ax.set_title("Supervised fine-tuning of GPT-2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge_and_export(base_path, adapter_dir, out_dir, reference):
+    """base + LoRA -> one ordinary GPT-2 checkpoint (full precision: merging into 4-bit weights loses accuracy)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    base = model_class(reference).from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    def write(tmp):
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    atomic_save(out_dir, write)
+    log(f"Merged model written to {out_dir} (loads with transformers' GPT2LMHeadModel.from_pretrained).")
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 50.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv=None, extra_callbacks=()):
+    args = parse_args(argv)
+    fmt = ChatFormat(args.user_name, args.bot_name, args.system_name)
+    output = args.output.rstrip("/\\")
+    ckpt_dir = args.checkpoint_dir or output + "-checkpoints"
+    merge_dir = args.merge_output or output + "-merged"
+    if args.max_length < 32:
+        fail("--max-length must be at least 32 tokens.")
+
+    model_path = resolve_model(args.model)
+    if args.merge_only:
+        if not os.path.isfile(os.path.join(output, "adapter_config.json")):
+            fail(f"no adapter in {output}: train one first (without --merge-only).")
+        merge_and_export(model_path, output, merge_dir, args.reference)
+        return 0
+
+    # Checkpoints of an earlier run: continue them only when asked, never overwrite them silently.
+    from transformers.trainer_utils import get_last_checkpoint
+    last = get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if not args.dump_dataset:
+        if args.resume and last is None:
+            log(f"--resume: no checkpoint in {ckpt_dir}, starting from the beginning.")
+        elif last and not args.resume:
+            if not args.overwrite:
+                fail(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                     f"or --overwrite to start over.")
+            if int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(ckpt_dir)
+            last = None
+
+    # --- data -------------------------------------------------------------------------------------------
+    from transformers import AutoConfig, AutoTokenizer
+    data_path = resolve_data(args.data)
+    conversations, skipped = load_conversations(data_path)
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) or "none"
+    log(f"Conversations in {data_path}: kept {len(conversations)}, skipped {sum(skipped.values())} ({reasons})")
+    if not conversations:
+        fail(f"no usable conversation in {data_path}.")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.chat_template = fmt.jinja()  # saved with the tokenizer: the chat script uses the same format
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only fills the batch; labels are built by position
+    n_positions = getattr(AutoConfig.from_pretrained(model_path), "n_positions", args.max_length)
+    if args.max_length > n_positions:
+        log(f"--max-length {args.max_length} is longer than the model's context: using {n_positions}.")
+        args.max_length = n_positions
+
+    train_convs, eval_convs = split_conversations(conversations, args.eval_size, args.seed)
+    train_examples, stats = build_examples(train_convs, tokenizer, fmt, args.max_length)
+    eval_examples, _ = build_examples(eval_convs, tokenizer, fmt, args.max_length)
+    n_tokens = sum(e["length"] for e in train_examples)
+    n_learned = sum(sum(l != IGNORE for l in e["labels"]) for e in train_examples)
+    log(f"Training examples: {len(train_examples)} windows of at most {args.max_length} tokens from "
+        f"{stats['conversations']} conversations ({stats['split']} split, {stats['cut replies']} over-long "
+        f"replies cut); {n_tokens:,} tokens, {n_learned:,} of them learned. Held out: {len(eval_convs)} conversations.")
+
+    if args.dump_dataset:
+        os.makedirs(os.path.dirname(os.path.abspath(args.dump_dataset)), exist_ok=True)
+        with open(args.dump_dataset, "w", encoding="utf-8") as f:
+            for e in train_examples:
+                f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
+        log(f"Wrote {len(train_examples)} training examples to {args.dump_dataset}.")
+        return 0
+
+    # --- model --------------------------------------------------------------------------------------------
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+    cuda = torch.cuda.is_available()
+    precision = pick_precision(args.precision, cuda)
+    quant = pick_quant(args.quant, cuda)
+    checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    log(f"Device: {'CUDA GPU' if cuda else 'CPU'}; quantization: {quant or 'none'}; precision: {precision}; "
+        f"gradient checkpointing: {'on' if checkpointing else 'off'}; model: "
+        f"{'transformers GPT2LMHeadModel' if args.reference else 'gpt2/modeling_gpt2.py'} from {model_path}")
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = load_base_model(model_path, args.reference, quant, compute_dtype)
+    model = add_lora(model, args, quant, checkpointing)
+
+    train_ds = Dataset.from_list(train_examples)
+    eval_ds = Dataset.from_list(eval_examples) if eval_examples else None
+    training_args = TrainingArguments(
+        output_dir=ckpt_dir,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps else -1,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        # Batches of similar lengths, padded only to their longest example (not to a fixed 512).
+        **({"train_sampling_strategy": "group_by_length"}
+           if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {"group_by_length": True}),
+        length_column_name="length",
+        remove_unused_columns=False,  # our collator reads input_ids/labels and ignores "length"
+        label_names=["labels"],
+        bf16=precision == "bf16",  # autocast; on the CPU too
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (args.eval_steps and eval_ds is not None) else "no",
+        eval_steps=args.eval_steps or None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        report_to="none",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty() and "COLAB_RELEASE_TAG" not in os.environ and "JPY_PARENT_PID" not in os.environ,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=PadToLongest(tokenizer.pad_token_id, 8 if cuda else None),
+                      callbacks=list(extra_callbacks))
+
+    metrics = {"kept": len(conversations), "skipped": dict(skipped), "train_examples": len(train_examples),
+               "eval_conversations": len(eval_convs), "precision": precision, "quant": quant or "none"}
+    if eval_ds is not None and not last:
+        before = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss_before"] = before
+        log(f"Before training: eval loss {before:.4f}, perplexity {perplexity(before):.2f}")
+
+    # Ctrl-C (and a polite kill, e.g. Colab's stop button) ends training but still saves the adapter.
+    def on_sigterm(*_):
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    interrupted = False
+    try:
+        if last:
+            log(f"Resuming from {last}")
+        trainer.train(resume_from_checkpoint=last)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"\nInterrupted at step {trainer.state.global_step}: saving the adapter trained so far to {output}.")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+    if eval_ds is not None and not interrupted:
+        after = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss_after"] = after
+        log(f"After training: eval loss {after:.4f}, perplexity {perplexity(after):.2f}")
+    metrics["global_step"] = trainer.state.global_step
+    metrics["interrupted"] = interrupted
+
+    if trainer.is_world_process_zero():
+        def write(tmp):
+            trainer.model.save_pretrained(tmp)  # the LoRA adapter only (a few MB) + adapter_config.json
+            tokenizer.save_pretrained(tmp)      # with the chat template
+            save_loss_curve(trainer.state.log_history, os.path.join(tmp, "loss.png"))
+            with open(os.path.join(tmp, "train_metrics.json"), "w", encoding="utf-8") as f:
+                json.dump({**metrics, "log_history": trainer.state.log_history}, f, indent=1)
+        atomic_save(output, write)
+        log(f"Adapter, tokenizer (with chat template) and loss curve written to {output} "
+            f"(step {trainer.state.global_step}). Chat with: python ChatGPT2-base.py --adapter {output}")
+        if args.merge and not interrupted:
+            del trainer, model
+            merge_and_export(model_path, output, merge_dir, args.reference)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside training (loading, evaluating, merging): nothing to save
+        sys.exit("\nInterrupted.")

@@ -1,0 +1,450 @@
+"""Task 8: Supervised_Fine-Tuning.py and ChatGPT2-base.py, offline, with a tiny GPT-2 and a tiny tokenizer.
+
+The tokenizer is a byte-level BPE trained here on the team's ShareGPT sample (data/samples/sharegpt_sample.json);
+the model is a random 2-layer GPT-2. Both are saved with save_pretrained so the scripts' real loading code runs.
+"""
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "samples" / "sharegpt_sample.json"
+EOS = "<|endoftext|>"
+
+
+def load_script(filename):
+    spec = importlib.util.spec_from_file_location(filename[:-3].replace("-", "_"), ROOT / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sft = load_script("Supervised_Fine-Tuning.py")
+
+
+def have_ours():
+    try:
+        from gpt2.modeling_gpt2 import GPT2LMHeadModel  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+IMPLS = ["transformers", pytest.param("ours", marks=pytest.mark.skipif(not have_ours(), reason="gpt2/modeling_gpt2.py missing"))]
+
+
+def gpt2_class(impl):
+    if impl == "ours":
+        from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    else:
+        from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer and a random 2-layer GPT-2, saved like model/gpt2-base."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    texts = [json.dumps(r, ensure_ascii=False) for r in json.loads(SAMPLE.read_text(encoding="utf-8"))]
+    texts += ["Human: hi\nchatgpt2-base: hello there\nSystem: ping pong again"] * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=[EOS],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    out = tmp_path_factory.mktemp("gpt2-tiny")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(tiny_dir)
+    t.chat_template = sft.ChatFormat().jinja()
+    return t
+
+
+def train_argv(tiny_dir, tmp, *extra):
+    return ["--model", str(tiny_dir), "--data", str(SAMPLE), "--output", str(tmp / "adapter"),
+            "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1", "--eval-size", "4",
+            "--lr", "1e-2", "--max-length", "64", "--precision", "fp32", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """One real training run (our GPT-2 when present), with --merge."""
+    tmp = tmp_path_factory.mktemp("sft-run")
+    extra = [] if have_ours() else ["--reference"]
+    rc = sft.main(train_argv(tiny_dir, tmp, "--max-steps", "12", "--save-steps", "6", "--merge", *extra))
+    assert rc == 0
+    return tmp / "adapter"
+
+
+# ------------------------------------------------------------------------------------------ data handling
+
+EXPECTED_SKIPS = {"not an object": 2, "no turns": 2, "bad turn": 1, "non-string text": 2, "empty text": 1,
+                  "unknown role": 1, "no assistant reply": 2}
+
+
+def test_skip_counts_by_reason_json_and_jsonl(tmp_path):
+    conversations, skipped = sft.load_conversations(SAMPLE)
+    assert len(conversations) == 25
+    assert skipped == Counter(EXPECTED_SKIPS)
+    # The same records as JSONL, plus a line that is not JSON at all.
+    records = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    jsonl = tmp_path / "sample.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n{oops\n", encoding="utf-8")
+    conversations2, skipped2 = sft.load_conversations(jsonl)
+    assert conversations2 == conversations
+    assert skipped2 == Counter({**EXPECTED_SKIPS, "not JSON": 1})
+
+
+def test_roles_layouts_and_dropped_turns():
+    norm = lambda r: sft.normalize_record(r)[0]
+    assert norm({"conversations": [{"from": "user", "value": " a "}, {"from": "bing", "value": "b"}]}) == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert norm({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi!"},
+                              {"role": "user", "content": "q"}, {"role": "chatgpt", "content": "r"},
+                              {"role": "user", "content": "unanswered"}]}) == [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+    assert sft.normalize_record({"items": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}) == (
+        None, "no assistant reply")
+
+
+def test_exact_label_mask_hand_checked(tok):
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Say <|endoftext|> please"}, {"role": "assistant", "content": "<|endoftext|> ok"}]
+    (blocks,) = sft.encode_conversations([conv], tok, sft.ChatFormat())
+    (ids, labels), = sft.window_conversation(blocks, 1024)[0]
+    eos = tok.eos_token_id
+    piece = lambda s: tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # Hand-built: every piece of the format, and which of them are learned.
+    expected = [(piece("Human:"), 0), (piece(" Hi there"), 0), (piece("\n"), 0),
+                (piece("chatgpt2-base:"), 0), (piece(" Hello!"), 1), ([eos], 1),
+                (piece("Human:"), 0), (piece(" Say <|endoftext|> please"), 0), (piece("\n"), 0),
+                (piece("chatgpt2-base:"), 0), (piece(" <|endoftext|> ok"), 1), ([eos], 1)]
+    assert ids == [t for p, _ in expected for t in p]
+    assert labels == [t if learned else -100 for p, learned in expected for t in p]
+    # The typed "<|endoftext|>" is plain text: the EOS id appears exactly at the two ends of replies, and is learned.
+    assert [i for i, t in enumerate(ids) if t == eos] == [i for i, t in enumerate(labels) if t == eos]
+    assert ids.count(eos) == 2 and labels[-1] == eos
+    learned_text = tok.decode([t for t in labels if t != -100])
+    assert learned_text == " Hello!<|endoftext|> <|endoftext|> ok<|endoftext|>"
+    assert tok.decode(ids) == ("Human: Hi there\nchatgpt2-base: Hello!<|endoftext|>"
+                               "Human: Say <|endoftext|> please\nchatgpt2-base: <|endoftext|> ok<|endoftext|>")
+
+
+def test_chat_template_renders_exactly_the_trained_tokens(tok):
+    conversations, _ = sft.load_conversations(SAMPLE)
+    conversations.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x  \n y"},
+                          {"role": "assistant", "content": "  z's 12,5!\n\n"}])
+    encoded = sft.encode_conversations(conversations, tok, sft.ChatFormat())
+    for conv, blocks in zip(conversations, encoded):
+        ours = [t for b in blocks for t in b.ids]
+        sanitized = tok.apply_chat_template(conv, tokenize=True, return_dict=False, sanitize_control_tokens=True)
+        if not any(EOS in m["content"] for m in conv):
+            assert tok.apply_chat_template(conv, tokenize=True, return_dict=False) == ours
+            assert sanitized == ours
+        else:  # a typed "<|endoftext|>" stays text (tokens may split differently around it): EOS ends replies only
+            assert sanitized.count(tok.eos_token_id) == ours.count(tok.eos_token_id) == 1
+        # add_generation_prompt ends exactly where the first learned token begins.
+        first = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        prompt = tok.apply_chat_template(conv[:first], add_generation_prompt=True, tokenize=True, return_dict=False,
+                                         sanitize_control_tokens=True)
+        prefix = [t for b in blocks[:first] for t in b.ids] + blocks[first].prefix
+        if not any(EOS in m["content"] for m in conv):
+            assert prompt == prefix
+
+
+def test_windowing_keeps_context_and_learns_each_reply_once(tok):
+    replies = [f"Answer number {i} is a fairly long sentence about topic {i}." for i in range(6)]
+    conv = []
+    for i, r in enumerate(replies):
+        conv += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": r}]
+    (blocks,) = sft.encode_conversations([conv], tok, sft.ChatFormat())
+    total = sum(len(b) for b in blocks)
+    max_length = 64
+    assert total > 2 * max_length
+    windows, cut = sft.window_conversation(blocks, max_length)
+    assert cut == 0 and len(windows) >= 3
+    starts = {tuple(b.ids[:len(b.prefix)]) for b in blocks}
+    learned = []
+    for n, (ids, labels) in enumerate(windows):
+        assert len(ids) == len(labels) <= max_length
+        assert any(t != -100 for t in labels)
+        assert labels[-1] == tok.eos_token_id  # every window ends with a complete reply
+        assert any(ids[:len(s)] == list(s) for s in starts)  # starts at a turn boundary
+        text = tok.decode(ids)
+        if n > 0:  # preceding conversation kept as (unlearned) context
+            assert labels[0] == -100 and text.startswith("Human: Question")
+        learned.append(tok.decode([t for t in labels if t != -100]))
+    assert "".join(learned) == "".join(f" {r}{EOS}" for r in replies)
+
+    # A single reply longer than the window is cut (without EOS: it did not end there).
+    long_reply = " ".join(["word"] * 200)
+    (blocks,) = sft.encode_conversations([[{"role": "user", "content": "Talk."},
+                                           {"role": "assistant", "content": long_reply}]], tok, sft.ChatFormat())
+    (ids, labels), = sft.window_conversation(blocks, max_length)[0]
+    assert sft.window_conversation(blocks, max_length)[1] == 1
+    assert len(ids) == max_length and tok.eos_token_id not in labels
+    assert tok.decode(ids).startswith("Human: Talk.\nchatgpt2-base: word word")
+
+
+def test_no_gpu_falls_back_and_says_so(capsys):
+    assert sft.pick_quant("4bit", cuda=False) is None
+    assert sft.pick_quant("auto", cuda=False) is None
+    assert sft.pick_precision("fp16", cuda=False) == "fp32"
+    out = capsys.readouterr().out
+    assert "no CUDA GPU: 4bit quantization is for GPUs here, training without quantization." in out
+    assert "fp16 mixed precision needs a GPU" in out
+
+
+def test_collator_pads_to_longest_without_masking_eos():
+    collate = sft.PadToLongest(pad_id=0)
+    batch = collate([{"input_ids": [5, 6, 0], "labels": [-100, 6, 0], "length": 3},
+                     {"input_ids": [7], "labels": [7], "length": 1}])
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 0], [7, -100, -100]]  # the real EOS (id 0 = pad id) is learned
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_dump_dataset(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "dump.jsonl"
+    assert sft.main(train_argv(tiny_dir, tmp_path, "--dump-dataset", str(out))) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = capsys.readouterr().out
+    assert f"Training examples: {len(rows)} windows" in printed
+    assert "kept 25, skipped 11" in printed
+    assert all(len(r["input_ids"]) == len(r["labels"]) <= 64 for r in rows)
+    assert all(r["labels"][-1] in (r["input_ids"][-1],) for r in rows)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_clear_errors(tiny_dir, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"data file .*missing\.json not found"):
+        sft.main(train_argv(tiny_dir, tmp_path, "--data", str(tmp_path / "missing.json")))
+    monkeypatch.chdir(tmp_path)  # no model/gpt2-base here (nor next to the script), and the hub is off
+    monkeypatch.setattr(sft, "HERE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"create model/gpt2-base with the files of hub id `gpt2`"):
+        sft.resolve_model(sft.DEFAULT_MODEL)
+    with pytest.raises(SystemExit, match=r"openchat/openchat_sharegpt4_dataset"):
+        sft.resolve_data(sft.DEFAULT_DATA)
+    (tmp_path / "adapter-checkpoints" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="pass --resume to continue it, or --overwrite"):
+        sft.main(train_argv(tiny_dir, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def test_training_lowers_eval_loss_and_saves_atomically(trained, tok):
+    metrics = json.loads((trained / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 12 and not metrics["interrupted"]
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert (trained / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(trained).chat_template == sft.ChatFormat().jinja()
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"c_attn", "c_proj", "c_fc"} and config["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adapter_loads_with_stock_peft_and_merges(trained, tiny_dir, impl):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+    x = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        base_logits = gpt2_class(impl).from_pretrained(tiny_dir).eval()(x).logits
+        model = PeftModel.from_pretrained(gpt2_class(impl).from_pretrained(tiny_dir), str(trained)).eval()
+        logits = model(x).logits
+        reference = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_dir), str(trained)).eval()(x).logits
+        merged = GPT2LMHeadModel.from_pretrained(str(trained) + "-merged").eval()(x).logits
+    assert (logits - base_logits).abs().max() > 1e-3  # the adapter changes the model
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_ctrl_c_saves_the_adapter(tiny_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    # also: LoRA with gradient checkpointing (inputs must require grad, see PITFALLS), on our GPT-2 when present
+    rc = sft.main(train_argv(tiny_dir, tmp_path, "--max-steps", "10", "--save-steps", "100", "--eval-size", "0",
+                             "--gradient-checkpointing", *([] if have_ours() else ["--reference"])),
+                  extra_callbacks=[CtrlC()])
+    assert rc == 130
+    metrics = json.loads((tmp_path / "adapter" / "train_metrics.json").read_text())
+    assert metrics["interrupted"] and metrics["global_step"] == 3
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+KILLER = """
+import importlib.util, os, signal, sys
+from transformers import TrainerCallback
+spec = importlib.util.spec_from_file_location("sft", sys.argv[1])
+sft = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sft)
+
+class Kill(TrainerCallback):  # a hard kill right after checkpoint 4 was written (like Colab dying)
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(sft.main(sys.argv[2:], extra_callbacks=[Kill()]))
+"""
+
+
+def test_resume_after_kill(tiny_dir, tmp_path, capsys):
+    argv = train_argv(tiny_dir, tmp_path, "--max-steps", "8", "--save-steps", "2", "--reference", "--eval-size", "0")
+    run = subprocess.run([sys.executable, "-c", KILLER, str(ROOT / "Supervised_Fine-Tuning.py"), *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    ckpts = tmp_path / "adapter-checkpoints"
+    assert (ckpts / "checkpoint-4").is_dir() and not (tmp_path / "adapter").exists()
+    assert sft.main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {ckpts / 'checkpoint-4'}" in out
+    metrics = json.loads((tmp_path / "adapter" / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 8
+    steps = [h["step"] for h in metrics["log_history"] if "loss" in h]
+    assert steps[-4:] == [5, 6, 7, 8] and steps.count(5) == 1  # continued, not restarted
+
+
+# ---------------------------------------------------------------------------------------------------- chat
+
+chat = load_script("ChatGPT2-base.py")
+
+
+@pytest.fixture(scope="session")
+def parrot_dir(tiny_dir, tok, tmp_path_factory):
+    """A tiny GPT-2 trained until it knows one conversation by heart: "hi" -> "hello there" + EOS, then
+    "ping" -> "pong" followed by a new user turn it writes itself ("\\nHuman: again")."""
+    from transformers import GPT2LMHeadModel
+    fmt = sft.ChatFormat()
+    (blocks,) = sft.encode_conversations([[{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello there"},
+                                           {"role": "user", "content": "ping"}]], tok, fmt)
+    ids = [t for b in blocks for t in b.ids] + tok(fmt.prefix("assistant") + " pong\nHuman: again")["input_ids"]
+    ids += [tok.eos_token_id]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(tiny_dir)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.tensor([ids])
+    for _ in range(200):
+        loss = model(x, labels=x).loss
+        if loss.item() < 0.02:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
+    out = tmp_path_factory.mktemp("parrot")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def chat_argv(model_dir, *extra):
+    return ["--base", str(model_dir), "--temperature", "0", "--repetition-penalty", "1.0",
+            "--max-new-tokens", "40", *extra]
+
+
+def test_ask_streams_and_stops_at_end_of_reply_and_new_user_turn(parrot_dir, tmp_path, capsys):
+    transcript = tmp_path / "chat.md"
+    extra = [] if have_ours() else ["--reference"]
+    assert chat.main(chat_argv(parrot_dir, "--ask", "hi", "--ask", "ping", "--save", str(transcript), *extra)) == 0
+    out = capsys.readouterr().out
+    assert "Human: hi\nchatgpt2-base: hello there\n" in out
+    assert "Human: ping\nchatgpt2-base: pong\n" in out
+    assert "again" not in out and "Human:" not in out.split("pong")[1]
+    md = transcript.read_text(encoding="utf-8")
+    assert "**Human:** hi\n\n**chatgpt2-base:** hello there\n\n**Human:** ping\n\n**chatgpt2-base:** pong" in md
+
+
+def test_stdin_turns_and_commands(parrot_dir, tmp_path):
+    saved = tmp_path / "saved.md"
+    stdin = f"hi\nping\n/save {saved}\n/clear\nhi\n/help\n/exit\nping\n"
+    run = subprocess.run([sys.executable, str(ROOT / "ChatGPT2-base.py"), *chat_argv(parrot_dir, "--reference")],
+                         input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("chatgpt2-base: hello there\n") == 2  # after /clear "hi" starts over
+    assert run.stdout.count("chatgpt2-base: pong\n") == 1  # nothing is answered after /exit
+    assert "/save FILE" in run.stdout  # /help
+    assert "**chatgpt2-base:** pong" in saved.read_text(encoding="utf-8")
+
+
+def test_reply_stream_never_prints_the_next_user_turn(tok):
+    out = io.StringIO()
+    stream = chat.ReplyStream(tok, prompt_len=0, user_prefix="Human:", out=out)
+    stream.put(torch.tensor([1, 2]))  # the prompt: ignored
+    for t in tok(" pong\nHuman: again")["input_ids"]:
+        stream.put(torch.tensor([t]))
+        assert "H" not in out.getvalue()
+    stream.end()
+    assert out.getvalue() == "pong" and stream.reply() == "pong"
+
+
+def test_chat_with_adapter_and_compare(trained, tiny_dir, capsys):
+    argv = ["--base", str(tiny_dir), "--adapter", str(trained), "--ask", "hi", "--compare",
+            "--max-new-tokens", "4", "--seed", "0"]
+    assert chat.main(argv + ([] if have_ours() else ["--reference"])) == 0
+    out = capsys.readouterr().out
+    assert "[base GPT-2] chatgpt2-base:" in out and "[fine-tuned] chatgpt2-base:" in out
+
+
+def test_chat_missing_adapter_is_one_sentence(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="run Supervised_Fine-Tuning.py first"):
+        chat.main(["--base", str(tiny_dir), "--adapter", str(tmp_path / "nothing"), "--ask", "hi"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_4bit_lora_code_path(tiny_dir, tmp_path, impl):
+    """The GPU recipe, run on the CPU (bitsandbytes >= 0.45 has CPU kernels): Conv1D becomes Linear4bit, so LoRA
+    must use fan_in_fan_out=False; k-bit preparation + gradient checkpointing train; the adapter then loads with
+    stock PEFT on the unquantized transformers GPT-2."""
+    pytest.importorskip("bitsandbytes")
+    import types
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = gpt2_class(impl).from_pretrained(tiny_dir, quantization_config=bnb, device_map="cpu")
+    model.train()  # before any forward: an eval-mode forward on this CPU repacks the 4-bit weights (PITFALLS)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
+    model = sft.add_lora(model, types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0), "4bit", True)
+    assert model.peft_config["default"].fan_in_fan_out is False
+    x = torch.randint(0, 700, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None for p in trainable.values())
+    # lora_B starts at zero, so it is the one with a gradient on the first step
+    assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_dir), str(tmp_path / "a"))
+    a = dict(model.named_parameters())["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"]
+    b = dict(loaded.named_parameters())["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"]
+    torch.testing.assert_close(a, b)
