@@ -1,0 +1,683 @@
+"""Task 5 (optional): pretrain a GPT-2 from scratch, on a laptop CPU or on many GPUs.
+
+任务 5（选做）：从零预训练一个 GPT-2。模型是本仓库自己写的 gpt2/modeling_gpt2.py，
+输出目录是标准的 Hugging Face 格式（save_pretrained），其他脚本和 transformers 都能直接加载。
+
+What it does, top to bottom:
+  1. reads text files / JSONL (`--data`, default data/pretrain/), builds or loads a tokenizer
+     (GPT-2's from model/gpt2-base, or a byte-level BPE / a character vocabulary trained on your corpus),
+     tokenizes everything once into a cached memmap (`<out>/data/`) and splits it into train / val;
+  2. builds a GPT2Config (`--size tiny|baby|small|124M` or explicit --n-layer/--n-head/--n-embd/--block-size);
+  3. trains with AdamW (weight decay only on matrices), warmup + cosine decay, gradient accumulation,
+     gradient clipping, bf16/fp16 autocast, optional torch.compile;
+  4. every --eval-interval steps: val loss, a generated sample, a checkpoint (`<out>/ckpt.pt`, written
+     atomically) and the loss curve (`<out>/loss_curve.png`); `--resume` continues after a crash;
+  5. at the end: `save_pretrained` model + tokenizer in `--out`, and `metrics.json`.
+
+Run it:
+  python Pretraining.py --data data/samples --tokenizer char --size tiny --max-steps 200 --out out/pretrain-demo
+  python Pretraining.py --data "corpus/*.txt" --tokenizer bpe --vocab-size 8000 --size small --out model/gpt2-zh
+  torchrun --nproc_per_node 4 Pretraining.py --size 124M --tokenizer gpt2 --grad-accum 8 --out model/gpt2-mine
+  python Pretraining.py ... --resume          # continue from <out>/ckpt.pt after an interruption
+
+Under torchrun every process trains on its own share of each global batch (DDP: gloo on CPU, NCCL on
+GPU); only rank 0 prints, evaluates and saves. `python Pretraining.py --help` lists every option.
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:  # so `gpt2/` imports from any working directory (and in Colab)
+    sys.path.insert(0, ROOT)
+
+EOS = "<|endoftext|>"  # GPT-2's document separator; our own tokenizers reuse the same string
+
+# Model presets. "baby" is nanoGPT's CPU setting for Shakespeare, "small" its GPU one, "124M" is GPT-2.
+SIZES = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=64, block_size=128),     # ~0.2M parameters + embeddings
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),     # ~0.8M
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),   # ~10.6M
+    "124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # GPT-2 small
+}
+
+
+class UserError(Exception):
+    """A foreseeable problem: main() prints its one-sentence message instead of a stack trace."""
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain a GPT-2 from scratch (Task 5).")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=[os.path.join(ROOT, "data", "pretrain")],
+                   help="text / JSONL files, directories or globs (default: data/pretrain/)")
+    g.add_argument("--text-field", default="text", help="JSONL key holding the text (default: text)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="last part of the token stream kept for validation")
+    g.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (from --tokenizer-path), bpe (trained on the corpus), char, or a tokenizer directory")
+    g.add_argument("--tokenizer-path", default=os.path.join(ROOT, "model", "gpt2-base"))
+    g.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size for --tokenizer bpe")
+    g = p.add_argument_group("model")
+    g.add_argument("--size", choices=list(SIZES), default="tiny", help="preset, overridden by the four options below")
+    g.add_argument("--n-layer", type=int)
+    g.add_argument("--n-head", type=int)
+    g.add_argument("--n-embd", type=int)
+    g.add_argument("--block-size", type=int, help="context length in tokens")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
+                   help="repo = gpt2/modeling_gpt2.py (Task 4); transformers = the library's GPT-2")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", default=os.path.join(ROOT, "model", "gpt2-pretrained"), help="output directory")
+    g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=12, help="sequences per micro-batch (per process)")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step, over all processes (default: one per process)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3, 6e-4 from 768 wide)")
+    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: min(100, max_steps/10)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.99)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision (auto: GPU bf16, else fp16; CPU bf16 from 256 wide if it has bf16 units, else fp32)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    g = p.add_argument_group("logging")
+    g.add_argument("--eval-interval", type=int, default=250, help="steps between val loss + checkpoint (0: only at the end)")
+    g.add_argument("--eval-iters", type=int, default=20, help="val batches per evaluation")
+    g.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints (default: eval interval)")
+    g.add_argument("--sample-tokens", type=int, default=64, help="length of the sample printed at each eval (0: none)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="hardware peak for MFU (default: known GPUs by name; CPU 2.0 bf16 / 0.28 fp32, this course's 2-core CPU)")
+    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    # Hidden, for the resume test: exit hard (no cleanup, like a kill) right after this step.
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    args, unknown = p.parse_known_args(argv)  # tolerate a notebook kernel's own argv
+    if unknown and not any(u.startswith("-f") or u.endswith(".json") for u in unknown):
+        print(f"Ignoring unknown arguments: {' '.join(unknown)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- processes and devices
+def setup_distributed(args):
+    """One process, or one of N started by torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but PyTorch sees no GPU: use --device cpu.")
+        if device == "cuda" and world > 1:
+            device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and newer)
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        import torch.distributed as dist
+        # NCCL moves gradients GPU-to-GPU; gloo is the CPU backend.
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device == "cpu":  # the processes share the cores: don't let each one spawn a thread per core
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return rank, world, device
+
+
+def choose_dtype(args, device, n_embd):
+    if args.dtype != "auto":
+        if args.dtype == "fp16" and not device.startswith("cuda"):
+            raise UserError("fp16 autocast needs a GPU; on a CPU use --dtype bf16 or fp32.")
+        return args.dtype
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # On a CPU, bf16 pays off only where the CPU has bf16 units (AVX512-BF16 / AMX) and the matrices are
+    # wide enough to hide the casts (bench/bench_pretrain.py measures it); small models stay fp32.
+    try:
+        cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        cpu_bf16 = False
+    return "bf16" if cpu_bf16 and n_embd >= 256 else "fp32"
+
+
+def peak_flops(args, device, dtype):
+    """Peak FLOP/s of the hardware, the denominator of MFU (model FLOPs utilisation)."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "A10": 125, "V100": 125, "T4": 65}
+        return next((v for k, v in table.items() if k in name), 312) * 1e12 * (1 if dtype != "fp32" else 0.5)
+    return (2.0e12 if dtype == "bf16" else 0.28e12)  # measured on the course's 2-core CPU (AMX bf16 / AVX-512 fp32)
+
+
+# ----------------------------------------------------------------------------- data files
+def find_files(patterns):
+    """Expand --data into a sorted list of .txt / .jsonl / .json files (directories are searched recursively)."""
+    files = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            for dirpath, _, names in os.walk(pat):
+                files += [os.path.join(dirpath, n) for n in names if n.endswith((".txt", ".jsonl", ".json", ".md"))]
+        else:
+            files += [f for f in glob.glob(pat) if os.path.isfile(f)]
+    return sorted(set(files))
+
+
+def read_lines(path, bar=None):
+    """Yield lists of raw lines, about 1 MB at a time (a corpus larger than memory still works).
+
+    A .json file that holds one JSON list is read whole and gives one line per record.
+    """
+    with open(path, "rb") as f:
+        if path.endswith(".json") and f.read(1) == b"[":
+            f.seek(0)
+            records = json.load(f)
+            if bar is not None:
+                bar.update(os.path.getsize(path))
+            yield [json.dumps(r, ensure_ascii=False).encode() for r in records]
+            return
+        f.seek(0)
+        while True:
+            lines = f.readlines(1 << 20)
+            if not lines:
+                return
+            if bar is not None:
+                bar.update(sum(map(len, lines)))
+            yield lines
+
+
+def iter_documents(files, text_field, stats=None, bar=None):
+    """Yield pieces of text; None marks the end of a document (where an end-of-text token goes).
+
+    A text file is one document. JSONL gives one document per line (the --text-field value, or the line
+    itself if it is a JSON string); a line that is not JSON or has no text is counted and skipped.
+    """
+    for path in files:
+        is_jsonl = path.endswith((".jsonl", ".json"))
+        for lines in read_lines(path, bar):
+            if not is_jsonl:
+                yield b"".join(lines).decode("utf-8", errors="replace")
+                continue
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record if isinstance(record, str) else record[text_field]
+                    if not isinstance(text, str):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError, IndexError):
+                    if stats is not None:
+                        stats["bad_records"] = stats.get("bad_records", 0) + 1
+                    continue
+                if text:
+                    yield text
+                    yield None
+        if not is_jsonl:
+            yield None
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def wrap_tokenizer(tok, block_size):
+    """Turn a `tokenizers.Tokenizer` into a transformers tokenizer that save_pretrained / AutoTokenizer handle."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, model_max_length=block_size)
+
+
+def train_char_tokenizer(files, text_field, block_size):
+    """One token per character that occurs in the corpus, plus <|endoftext|> (id 0) and <|unk|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    chars = set()
+    for piece in iter_documents(files, text_field):
+        if piece:
+            chars.update(piece)
+    vocab = {EOS: 0, "<|unk|>": 1}
+    for ch in sorted(chars):
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char a "word"
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    tok.add_special_tokens([EOS])
+    return wrap_tokenizer(tok, block_size)
+
+
+def train_bpe_tokenizer(files, text_field, vocab_size, block_size):
+    """GPT-2 style byte-level BPE learned from the corpus: no unknown tokens, and it suits Chinese text too."""
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator((t for t in iter_documents(files, text_field) if t), vocab_size=vocab_size,
+                            min_frequency=2, special_tokens=[EOS], show_progress=False)
+    return wrap_tokenizer(bpe._tokenizer, block_size)
+
+
+def load_tokenizer(args, files, block_size):
+    from transformers import AutoTokenizer
+    if args.tokenizer == "char":
+        print("Training a character tokenizer on the corpus ...")
+        return train_char_tokenizer(files, args.text_field, block_size)
+    if args.tokenizer == "bpe":
+        print(f"Training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the corpus ...")
+        return train_bpe_tokenizer(files, args.text_field, args.vocab_size, block_size)
+    path = args.tokenizer_path if args.tokenizer == "gpt2" else args.tokenizer
+    if os.path.isdir(path):
+        tok = AutoTokenizer.from_pretrained(path)
+    elif args.tokenizer == "gpt2":
+        try:
+            print(f"{path} not found, downloading GPT-2's tokenizer from the hub ...")
+            tok = AutoTokenizer.from_pretrained("gpt2")
+        except Exception:
+            raise UserError(f"No GPT-2 tokenizer at {path} and no hub access: download 'gpt2' into that directory "
+                            "(see model/README.md), or train one on your data with --tokenizer bpe or --tokenizer char.")
+    else:
+        raise UserError(f"--tokenizer {path}: no such directory (use gpt2, bpe, char or a tokenizer directory).")
+    if tok.eos_token_id is None:
+        raise UserError(f"The tokenizer in {path} has no end-of-text token; use --tokenizer bpe or char.")
+    tok.model_max_length = block_size
+    return tok
+
+
+# ----------------------------------------------------------------------------- tokenize once, into a memmap
+def fingerprint(args, files):
+    """Everything the cached tokens depend on; a change (a new file, another tokenizer) re-tokenizes."""
+    return {"files": [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files],
+            "tokenizer": args.tokenizer, "tokenizer_path": os.path.abspath(args.tokenizer_path),
+            "vocab_size": args.vocab_size if args.tokenizer == "bpe" else None,
+            "text_field": args.text_field, "val_fraction": args.val_fraction}
+
+
+def prepare_data(args, files, block_size):
+    """Build (or reuse) <out>/data/tokens.bin and the tokenizer saved in <out>. Runs on rank 0 only."""
+    from tqdm.auto import tqdm
+    cache = os.path.join(args.out, "data")
+    meta_path = os.path.join(cache, "meta.json")
+    fp = fingerprint(args, files)
+    if os.path.exists(meta_path) and os.path.exists(os.path.join(args.out, "tokenizer_config.json")):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("fingerprint") == fp:
+            print(f"Using the tokenized corpus cached in {cache} ({meta['n_tokens']:,} tokens).")
+            return
+    os.makedirs(cache, exist_ok=True)
+    tok = load_tokenizer(args, files, block_size)
+    dtype = np.uint16 if len(tok) <= 65535 else np.uint32
+    eos, encoder = tok.eos_token_id, tok.backend_tokenizer
+    stats, n_tokens, batch = {}, 0, []
+    tmp = os.path.join(cache, "tokens.bin.tmp")
+    total = sum(os.path.getsize(f) for f in files)
+    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                                      disable=args.no_progress) as bar:
+        def flush():
+            nonlocal n_tokens, batch
+            ids = []
+            for enc in encoder.encode_batch([t for t in batch if t is not None], add_special_tokens=False):
+                ids.append(enc.ids)
+            # Re-insert end-of-text tokens where documents ended.
+            it, flat = iter(ids), []
+            for t in batch:
+                flat += [eos] if t is None else next(it)
+            np.asarray(flat, dtype=dtype).tofile(out)
+            n_tokens += len(flat)
+            batch = []
+        for piece in iter_documents(files, args.text_field, stats, bar):
+            batch.append(piece)
+            if len(batch) >= 256:
+                flush()
+        flush()
+    if stats.get("bad_records"):
+        print(f"Skipped {stats['bad_records']} JSON records that were not JSON or had no '{args.text_field}' string.")
+    n_val = int(n_tokens * args.val_fraction)
+    if n_tokens - n_val < block_size + 2 or n_val < block_size + 2:
+        os.remove(tmp)
+        raise UserError(f"The corpus has only {n_tokens} tokens, too few for a block size of {block_size} "
+                        f"with a {args.val_fraction:.0%} validation split: add text or lower --block-size.")
+    os.replace(tmp, os.path.join(cache, "tokens.bin"))
+    tok.save_pretrained(args.out)
+    with open(meta_path, "w") as f:
+        json.dump({"fingerprint": fp, "n_tokens": n_tokens, "n_train": n_tokens - n_val,
+                   "dtype": np.dtype(dtype).name, "vocab_size": len(tok)}, f, indent=1)
+    print(f"Tokenized {len(files)} file(s): {n_tokens:,} tokens ({n_tokens - n_val:,} train, {n_val:,} val), "
+          f"vocabulary {len(tok):,}.")
+
+
+def load_data(out):
+    with open(os.path.join(out, "data", "meta.json")) as f:
+        meta = json.load(f)
+    tokens = np.memmap(os.path.join(out, "data", "tokens.bin"), dtype=meta["dtype"], mode="r")
+    return tokens[: meta["n_train"]], tokens[meta["n_train"]:], meta
+
+
+def get_batch(data, offsets, block_size, device):
+    """x = block_size tokens from each offset, y = the same shifted by one: predict every next token."""
+    x = torch.from_numpy(np.stack([data[o: o + block_size] for o in offsets]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[o + 1: o + 1 + block_size] for o in offsets]).astype(np.int64))
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+def step_offsets(seed, step, n, grad_accum, batch_size, block_size):
+    """Random start positions for ALL micro-batches of one optimizer step, shape (grad_accum, batch_size).
+
+    They depend only on (seed, step): a resumed run sees exactly the data it would have seen, and N processes
+    together see exactly the sequences one process would (process r takes micro-batches r, r+N, r+2N, ...).
+    """
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n - block_size - 1, size=(grad_accum, batch_size))
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+def model_class(impl):
+    if impl == "transformers":
+        from transformers import GPT2LMHeadModel
+        return GPT2LMHeadModel
+    try:
+        from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    except Exception as e:  # missing or unfinished Task 4
+        raise UserError(f"gpt2/modeling_gpt2.py could not be imported ({type(e).__name__}: {e}); complete Task 4 "
+                        "first, or run with --model-impl transformers.")
+    return GPT2LMHeadModel
+
+
+def build_config(args, vocab_size, eos_id):
+    from transformers import GPT2Config
+    shape = dict(SIZES[args.size])
+    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(args, k) is not None:
+            shape[k] = getattr(args, k)
+    if shape["n_embd"] % shape["n_head"]:
+        raise UserError(f"--n-embd {shape['n_embd']} must be a multiple of --n-head {shape['n_head']}.")
+    # bos/eos must be our tokenizer's end-of-text id: a small GPT2Config would otherwise keep 50256.
+    return GPT2Config(vocab_size=vocab_size, n_positions=shape["block_size"], n_embd=shape["n_embd"],
+                      n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=args.dropout,
+                      embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=eos_id, eos_token_id=eos_id)
+
+
+def configure_optimizer(model, args, device):
+    """AdamW; weight decay only for matrices (linear weights, embeddings), not for biases and LayerNorm."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied lm_head/wte appears once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel is one launch per step on a GPU; on this course's CPU fused and the default (foreach)
+    # measured within noise of each other, so the CPU keeps the default.
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+
+
+def get_lr(step, args):
+    """Linear warmup, then cosine decay from lr to min_lr at the last step (nanoGPT / GPT-3 schedule)."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
+
+
+def flops_per_token(config):
+    """6N for the weights (forward + backward) plus 12·L·H·Q·T for attention (PaLM appendix B, nanoGPT)."""
+    n = config.n_layer * 12 * config.n_embd ** 2 + config.vocab_size * config.n_embd  # matrices + tied head
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.n_positions
+
+
+@torch.no_grad()
+def estimate_loss(model, data, args, block_size, device, autocast):
+    """Mean loss over the same --eval-iters val batches every time, so evaluations are comparable."""
+    model.eval()
+    rng = np.random.default_rng([args.seed, 999_999_999])
+    losses = []
+    for _ in range(args.eval_iters):
+        x, y = get_batch(data, rng.integers(0, len(data) - block_size - 1, size=args.batch_size), block_size, device)
+        with autocast:
+            logits = model(input_ids=x).logits
+        losses.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def sample_text(model, tok, n_tokens, block_size, device):
+    """A short generation from an end-of-text prompt, so you can watch the model learn."""
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        torch.manual_seed(0)
+        prompt = torch.tensor([[tok.eos_token_id]], device=device)
+        out = model.generate(prompt, max_new_tokens=min(n_tokens, block_size - 1), do_sample=True, top_k=50,
+                             pad_token_id=tok.eos_token_id, eos_token_id=None)
+    model.train()
+    return tok.decode(out[0, 1:], skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints and plots
+def save_checkpoint(path, model, optimizer, scaler, step, history, config, args):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "step": step, "history": history, "config": config.to_dict(), "args": vars(args),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill during the save leaves the previous checkpoint intact
+
+
+def plot_losses(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, lw=0.8, alpha=0.7, label="train")
+    if history["val"]:
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+def train(args):
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    ddp = world > 1
+    log = print if master else (lambda *a, **k: None)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+
+    checkpoint = None
+    if args.resume:
+        if os.path.exists(ckpt_path):
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            log(f"Resuming from {ckpt_path} at step {checkpoint['step']}.")
+        else:
+            log(f"No checkpoint at {ckpt_path}: starting from scratch.")
+
+    # 1. Data and tokenizer: rank 0 tokenizes (or finds the cache); the others wait, then read it.
+    files = find_files(args.data)
+    if not files:
+        raise UserError(f"No .txt/.jsonl files found at {' '.join(args.data)}: put your corpus in data/pretrain/ "
+                        "(or pass --data PATH_OR_GLOB; data/samples/ has a small example).")
+    block_size = args.block_size or SIZES[args.size]["block_size"]
+    if checkpoint:
+        block_size = checkpoint["config"]["n_positions"]
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        prepare_data(args, files, block_size)
+    if ddp:
+        torch.distributed.barrier()
+    tok = AutoTokenizer.from_pretrained(args.out)
+    train_data, val_data, meta = load_data(args.out)
+    if min(len(train_data), len(val_data)) < block_size + 2:
+        raise UserError(f"The cached corpus ({meta['n_tokens']} tokens) is too short for a block size of {block_size}: "
+                        "add text or lower --block-size.")
+
+    # 2. Model.
+    from transformers import GPT2Config
+    if checkpoint:
+        config = GPT2Config.from_dict(checkpoint["config"])
+    else:
+        config = build_config(args, len(tok), tok.eos_token_id)
+    args.lr = args.lr or (1e-3 if config.n_embd < 768 else 6e-4)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.warmup_steps = min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps
+    args.grad_accum = args.grad_accum or world
+    if args.grad_accum % world:
+        raise UserError(f"--grad-accum {args.grad_accum} counts the micro-batches of one step over all processes: "
+                        f"make it a multiple of the number of processes ({world}).")
+    accum_local = args.grad_accum // world
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = model_class(args.model_impl)(config).to(device)
+    raw_model = model
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = choose_dtype(args, device, config.n_embd)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=amp_dtype)
+                if amp_dtype else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")  # fp16 needs loss scaling, bf16 does not
+    optimizer = configure_optimizer(model, args, device)
+    history, start_step = {"train": [], "val": []}, 0
+    if checkpoint:
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        history, start_step = checkpoint["history"], checkpoint["step"]
+        if master:  # other ranks keep their own seeds; data order does not depend on these states
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            np.random.set_state(checkpoint["rng"]["numpy"])
+            random.setstate(checkpoint["rng"]["python"])
+            if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        del checkpoint
+    if not args.resume or start_step == 0:
+        torch.manual_seed(args.seed + rank)  # different dropout masks per rank
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+
+    tokens_per_step = args.grad_accum * args.batch_size * block_size
+    fpt, peak = flops_per_token(config), peak_flops(args, device, dtype)
+    log(f"Model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {block_size}, "
+        f"vocabulary {config.vocab_size}: {n_params / 1e6:.2f}M parameters ({args.model_impl} implementation).")
+    log(f"Training on {device} x{world} ({dtype}), {tokens_per_step:,} tokens per step "
+        f"({args.grad_accum} micro-batches of {args.batch_size}x{block_size}), {args.max_steps} steps.")
+
+    def evaluate(step):
+        val = estimate_loss(raw_model, val_data, args, block_size, device, autocast)
+        history["val"].append((step, val))
+        msg = f"step {step}: val loss {val:.4f}"
+        if args.sample_tokens:
+            msg += "\n--- sample ---\n" + sample_text(raw_model, tok, args.sample_tokens, block_size, device) + "\n---"
+        tqdm.write(msg)
+        plot_losses(history, os.path.join(args.out, "loss_curve.png"))
+        return val
+
+    # 3. The loop. Each step: accum_local micro-batches on this rank, then one optimizer update.
+    save_every = args.save_interval or args.eval_interval
+    bar = tqdm(total=args.max_steps, initial=start_step, disable=not master or args.no_progress,
+               dynamic_ncols=True, mininterval=1.0)
+    timed_tokens, timed_seconds, t_last_log = 0, 0.0, time.perf_counter()
+    model.train()
+    for step in range(start_step, args.max_steps):
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        offsets = step_offsets(args.seed, step, len(train_data), args.grad_accum, args.batch_size, block_size)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum_local):
+            x, y = get_batch(train_data, offsets[rank + micro * world], block_size, device)
+            # DDP averages gradients across ranks during backward; skip that on all but the last micro-step.
+            sync = micro == accum_local - 1
+            with (model.no_sync() if ddp and not sync else contextlib.nullcontext()):
+                with autocast:
+                    logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum_local
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if args.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:  # the loss of the whole global batch, for the log (gloo has no AVG: sum, then divide)
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world
+        train_loss = loss_sum.item()
+        history["train"].append((step + 1, train_loss))
+        dt = time.perf_counter() - t0
+        if step - start_step >= 2:  # the first steps include one-off warm-up costs (allocations, compile)
+            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
+        tok_s = tokens_per_step / dt
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                        mfu=f"{fpt * tok_s / peak:.1%}", refresh=False)
+        bar.update(1)
+        if args.no_progress and master and time.perf_counter() - t_last_log > 10:
+            print(f"step {step + 1}/{args.max_steps} loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s", flush=True)
+            t_last_log = time.perf_counter()
+        done = step + 1
+        if master and args.eval_interval and done % args.eval_interval == 0 and done < args.max_steps:
+            evaluate(done)
+        if master and save_every and done % save_every == 0 and done < args.max_steps:
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, history, config, args)
+        if args.stop_after and done == args.stop_after:
+            os._exit(3)  # simulate a crash: no cleanup at all
+    bar.close()
+
+    # 4. Final evaluation and the Hugging Face output directory.
+    if master:
+        val = evaluate(args.max_steps) if start_step < args.max_steps or not history["val"] else history["val"][-1][1]
+        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, args.max_steps, history, config, args)
+        raw_model.generation_config.bos_token_id = raw_model.generation_config.eos_token_id = tok.eos_token_id
+        raw_model.generation_config.pad_token_id = tok.eos_token_id
+        raw_model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        tok_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
+        metrics = {"final_train_loss": history["train"][-1][1] if history["train"] else None, "final_val_loss": val,
+                   "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak, "peak_flops": peak, "dtype": dtype,
+                   "device": device, "world_size": world, "n_params": n_params, "steps": args.max_steps,
+                   "tokens_per_step": tokens_per_step, "history": history}
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"Done: val loss {val:.4f}, {tok_s:,.0f} tokens/s, MFU {metrics['mfu']:.1%}. "
+              f"Saved to {args.out} (GPT2LMHeadModel.from_pretrained / AutoTokenizer.from_pretrained load it).")
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Continue later with the same command plus --resume (checkpoint: {args.out}/ckpt.pt).",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

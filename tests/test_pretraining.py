@@ -1,0 +1,202 @@
+"""Tests for Pretraining.py (Task 5): tiny GPT-2s trained for a few steps on the team's sample text.
+
+What they pin down: the output directory loads in stock transformers and gives the same logits as the
+repository's model; the char / BPE tokenizers round-trip English and Chinese; a run killed mid-way and
+resumed equals an uninterrupted one; 2 processes (DDP, gloo) equal 1 process with the same global batch;
+foreseeable mistakes end with one sentence and exit code 2.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import Pretraining
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+TEXTS = [str(SAMPLES / "pretrain_en.txt"), str(SAMPLES / "pretrain_zh.txt")]
+# A tiny model and short runs: every test here takes seconds on 2 CPU cores.
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--dtype", "fp32", "--device", "cpu", "--no-progress", "--sample-tokens", "0", "--eval-iters", "2"]
+
+
+def run_inprocess(*argv):
+    Pretraining.main([str(a) for a in argv])
+
+
+def run_subprocess(*argv, torchrun=0, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable]
+    if torchrun:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    cmd += [str(ROOT / "Pretraining.py")] + [str(a) for a in argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+def load_params(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("char")
+    run_inprocess("--data", *TEXTS, "--tokenizer", "char", "--max-steps", 40, "--lr", "3e-3",
+                  "--eval-interval", 20, "--out", out, *TINY)
+    return str(out)
+
+
+def test_char_output_loads_in_transformers_and_matches_repo_model(char_run):
+    from transformers import AutoTokenizer, GPT2LMHeadModel as HFGPT2
+    from gpt2.modeling_gpt2 import GPT2LMHeadModel as RepoGPT2
+    tok = AutoTokenizer.from_pretrained(char_run)
+    text = "A language model 读一段文字，猜下一个字。\n"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert tok.eos_token == "<|endoftext|>"
+
+    hf = HFGPT2.from_pretrained(char_run).eval()
+    repo = RepoGPT2.from_pretrained(char_run).eval()
+    # The config carries the small tokenizer's ids, not GPT-2's 50256.
+    assert hf.config.eos_token_id == hf.config.bos_token_id == tok.eos_token_id
+    assert hf.config.vocab_size == len(tok)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, repo(x).logits, rtol=1e-5, atol=1e-5)
+    out = hf.generate(x[:, :5], max_new_tokens=10, do_sample=False)
+    assert out.shape == (1, 15)
+
+
+def test_char_run_learns_and_writes_curve_and_checkpoint(char_run):
+    m = metrics(char_run)
+    losses = [loss for _, loss in m["history"]["train"]]
+    assert len(losses) == 40
+    assert losses[0] > losses[-1] + 1.0, losses  # from ~ln(vocab) down, clearly learning
+    assert [s for s, _ in m["history"]["val"]] == [20, 40]
+    assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1
+    assert os.path.getsize(os.path.join(char_run, "loss_curve.png")) > 1000
+    ckpt = torch.load(os.path.join(char_run, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 40 and {"model", "optimizer", "rng", "history"} <= set(ckpt)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    args = Pretraining.parse_args(["--max-steps", "100"])
+    args.lr, args.min_lr, args.warmup_steps = 1e-3, 1e-4, 10
+    lrs = [Pretraining.get_lr(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_bpe_on_chinese_and_jsonl_with_a_bad_record(tmp_path, capsys):
+    lines = Path(TEXTS[1]).read_text(encoding="utf-8").split("\n\n")
+    jsonl = tmp_path / "zh.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for para in lines:
+            f.write(json.dumps({"text": para}, ensure_ascii=False) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"title": "no text field"}) + "\n")
+    out = tmp_path / "out"
+    run_inprocess("--data", str(tmp_path / "*.jsonl"), TEXTS[0], "--tokenizer", "bpe", "--vocab-size", 400,
+                  "--max-steps", 3, "--eval-interval", 0, "--out", out, *TINY)
+    assert "Skipped 2 JSON records" in capsys.readouterr().out
+    from transformers import AutoTokenizer, GPT2LMHeadModel as HFGPT2
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "检查点比大多数人想象的更重要。Checkpoints matter."
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode("utf-8"))  # merges learned: fewer tokens than bytes
+    assert len(tok) <= 400
+    assert HFGPT2.from_pretrained(out).config.eos_token_id == tok.eos_token_id
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 8, "--eval-interval", 0,
+              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    # All three runs in subprocesses with the same thread count, so the arithmetic is bit-for-bit the same.
+    r = run_subprocess(*common, "--out", full)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_subprocess(*common, "--out", broken, "--stop-after", 5)  # hard exit after step 5: last save at 3
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert torch.load(broken / "ckpt.pt", weights_only=False)["step"] == 3
+    r = run_subprocess(*common, "--out", broken, "--resume")
+    assert r.returncode == 0 and "Resuming from" in r.stdout, r.stderr[-2000:]
+    a, b = load_params(full), load_params(broken)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert metrics(full)["history"]["train"] == metrics(broken)["history"]["train"]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 4, "--eval-interval", 0, "--lr", "3e-3",
+              *TINY, "--grad-accum", 4, "--batch-size", 2]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_inprocess(*common, "--out", one)
+    r = run_subprocess(*common, "--out", two, torchrun=2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "x2" in r.stdout  # really ran as 2 processes
+    a, b = load_params(one), load_params(two)
+    # Summation order differs (gloo averages two half-sums), so allow float rounding: 1e-5 on weights of
+    # size ~0.1. The attention key bias has a zero true gradient (softmax ignores a shift that is the same for
+    # every key), so Adam turns its rounding noise into updates of ~1e-6; a real bug (gradients summed instead
+    # of averaged, a micro-batch dropped) moves weights by ~lr = 3e-3.
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    la = [loss for _, loss in metrics(one)["history"]["train"]]
+    lb = [loss for _, loss in metrics(two)["history"]["train"]]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/nonexistent/corpus"], "No .txt/.jsonl files found"),
+    (["--data", TEXTS[0], "--tokenizer", "gpt2", "--tokenizer-path", "/nonexistent/gpt2-base"],
+     "--tokenizer bpe or --tokenizer char"),
+    (["--data", TEXTS[0], "--tokenizer", "char", "--block-size", "4096"], "lower --block-size"),
+    (["--data", TEXTS[0], "--tokenizer", "char", "--dtype", "fp16", "--device", "cpu"], "fp16 autocast needs a GPU"),
+])
+def test_foreseeable_mistakes_end_with_one_sentence(tmp_path, capsys, extra, message):
+    argv = TINY + ["--max-steps", "1", "--out", str(tmp_path)] + extra  # argparse: the last value wins
+    with pytest.raises(SystemExit) as e:
+        Pretraining.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_gpt2_tokenizer_from_a_local_directory(tmp_path):
+    """--tokenizer gpt2 loads model/gpt2-base (here: a small GPT-2-style tokenizer saved the same way)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train(TEXTS, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    base = tmp_path / "gpt2-base"
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>").save_pretrained(base)
+    out = tmp_path / "out"
+    run_inprocess("--data", *TEXTS, "--tokenizer", "gpt2", "--tokenizer-path", base, "--max-steps", 2,
+                  "--eval-interval", 0, "--out", out, *TINY)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(base).get_vocab()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == len(tok) and cfg["eos_token_id"] == tok.eos_token_id
+    # The cached token stream is the tokenizer's encoding of the files, with <|endoftext|> between them.
+    with open(out / "data" / "meta.json") as f:
+        meta = json.load(f)
+    expected = sum(len(tok(Path(t).read_text(encoding="utf-8"))["input_ids"]) + 1 for t in TEXTS)
+    assert meta["n_tokens"] == expected
