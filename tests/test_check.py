@@ -159,3 +159,23 @@ def test_random_weights_have_gpt2_124m_shape_and_no_trivial_parameters():
         # zero biases or unit LayerNorm weights would hide a forgotten bias or a swapped weight/bias
         assert param.abs().min() < 0.5 or "ln" in name
         assert param.std() > 0.01, name
+
+
+def test_real_weight_rows_the_dog_and_hello(tmp_path):
+    """The rows only real gpt2 weights get: transformers' "The dog" test and the "Hello?" reply."""
+    from transformers import GPT2LMHeadModel
+
+    weights = tmp_path / "weights"
+    check.sensitive_random_gpt2(**{**TINY, "vocab_size": 4000}).save_pretrained(weights)
+    config = GPT2LMHeadModel.config_class.from_pretrained(weights)
+    inputs = dict(check.make_inputs(config), the_dog=True, hello_ids=torch.tensor([[15496, 30][:1] + [30]]) % 4000)
+    reference = check.run_checks_on(GPT2LMHeadModel, weights, inputs)
+    ours = check.run_checks_on(check.load_module(MODELING).GPT2LMHeadModel, weights, inputs)
+    rows = {r["check"]: r for r in check.compare(reference, ours, inputs)}
+    assert rows['reply to "Hello?" = reference']["passed"]
+    assert reference["the_dog"].shape == (1, 20) and reference["the_dog"][0, :2].tolist() == check.THE_DOG
+    # Random weights do not continue "The dog" as GPT-2 does; the real continuation passes.
+    assert not rows['"The dog" greedy = transformers\' test']["passed"]
+    ours["the_dog"] = torch.tensor([check.THE_DOG_EXPECTED])
+    rows = {r["check"]: r for r in check.compare(reference, ours, inputs)}
+    assert rows['"The dog" greedy = transformers\' test']["passed"]
