@@ -217,7 +217,7 @@ def load_vectors(path, binary=None, limit=None):
 
 def resolve_model(name):
     """A local directory, else a hub id (downloading only the config, tokenizer and weights)."""
-    if name is None:
+    if name is None or name.rstrip("/") == DEFAULT_DIR:
         name = DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else HUB_ID
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
@@ -250,9 +250,9 @@ def hub_reachable(timeout=3.0):
         return True   # behind a proxy only the hub client can tell
     import socket
     from urllib.parse import urlparse
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -362,6 +362,8 @@ def answer(space, expr, choices, method, topk):
         scores[[i for i in (space.index(w) for _, w in terms) if i is not None]] = -np.inf
         order = [i for i in np.argsort(-scores, kind="stable")[:topk] if np.isfinite(scores[i])]
     rows = [{"word": words[i], "cosine": float(cosines[i]), "score": float(scores[i])} for i in order]
+    if not rows:
+        raise ABError("词表里除了查询词本身没有别的词可选 (no word left besides the query words)")
     return {"expression": show_expression(terms), "terms": [["+" if s > 0 else "-", w] for s, w in terms],
             "method": method, "mode": "choices" if choices else "topk", "candidates": rows,
             "answer": max(rows, key=lambda r: r["score"])["word"]}
@@ -456,6 +458,9 @@ def print_eval(ev):
 # ---------------------------------------------------------------- 6. --plot
 def plot(space, results, titles, path):
     """One PCA panel per question: words as points, the +/- terms as a chain of arrows from the origin."""
+    import warnings
+
+    import matplotlib
     from matplotlib import font_manager
     from matplotlib.figure import Figure   # no pyplot: leaves a notebook's backend alone
     cjk = [f.name for f in font_manager.fontManager.ttflist
@@ -463,7 +468,6 @@ def plot(space, results, titles, path):
     rc = {"font.sans-serif": cjk[:1] + ["DejaVu Sans"], "axes.unicode_minus": False}
     cols = min(4, len(results))
     rows = -(-len(results) // cols)
-    import matplotlib
     with matplotlib.rc_context(rc):
         fig = Figure(figsize=(4.5 * cols, 4.2 * rows), layout="constrained")
         for k, (res, title) in enumerate(zip(results, titles)):
@@ -492,7 +496,6 @@ def plot(space, results, titles, path):
             ax.set_title(f"{title}: {res['expression']} ≈ {res['answer']}", fontsize=10)
         fig.suptitle(f"{space.source} · PCA", fontsize=9)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        import warnings
         with warnings.catch_warnings():   # without a CJK font the labels show as boxes, say so once
             warnings.simplefilter("ignore")
             fig.savefig(path, dpi=110)
@@ -528,6 +531,8 @@ def build_parser():
 def run(args):
     if args.choices and not args.expr:
         raise ABError("--choices 需要和 --expr 一起使用 (--choices needs --expr)")
+    if args.choices and not all(c.strip() for c in args.choices):
+        raise ABError("--choices 中有空的候选词 (an empty candidate)")
     if args.topk < 1:
         raise ABError("--topk 必须 ≥ 1")
     if args.eval and (args.expr or args.plot):
@@ -557,6 +562,10 @@ def main(argv=None):
         print(f"提示：忽略未知参数 (ignored unknown arguments): {' '.join(unknown)}", file=sys.stderr)
     try:
         run(args)
+        sys.stdout.flush()   # inside the try: `| head` may close the pipe before the buffered lines are written
+    except BrokenPipeError:   # the reader has gone: nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so that the exit's flush cannot fail
+        return 1
     except ABError as e:
         print(f"错误 (error): {e}", file=sys.stderr)
         return e.code

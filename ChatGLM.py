@@ -16,6 +16,7 @@ ChatGLM 的 remote code 只能在旧版 transformers 上运行：pip install -r 
 """
 import argparse
 import copy
+import errno
 import json
 import os
 import shutil
@@ -82,6 +83,8 @@ def hub_reachable(timeout=3.0):
     """A quick TCP probe: without it, from_pretrained retries a dead network for about a minute."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy only the hub client itself can tell
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -252,7 +255,11 @@ class Settings:
     system: str = ""
 
 
-class ContextTooLong(ValueError):
+class PromptError(ValueError):
+    """The conversation cannot be turned into a prompt: a 400 for the API, a one-line note in the terminal."""
+
+
+class ContextTooLong(PromptError):
     pass
 
 
@@ -480,11 +487,11 @@ class ChatEngine:
         if self.has_template:
             try:
                 return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception:
-                if messages and messages[0]["role"] == "system":  # some templates reject a system turn
+            except Exception as error:  # the template's own raise_exception(), e.g. "roles must alternate"
+                if len(messages) > 1 and messages[0]["role"] == "system":  # some templates reject a system turn
                     merged = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])]
                     return self.render(merged + messages[2:])
-                raise
+                raise PromptError(f"the chat template rejected these messages: {first_line(error)}") from None
         lines = [messages[0]["content"] + "\n"] if messages and messages[0]["role"] == "system" else []
         lines += [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                   for m in messages if m["role"] != "system"]
@@ -493,18 +500,18 @@ class ChatEngine:
     def prompt_ids(self, messages):
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
 
-    def fit(self, messages, max_new_tokens):
+    def fit(self, messages, max_new_tokens, trim=True):
         """Drops the oldest user/assistant pairs (never the system prompt, never the last question) until
-        prompt + max_new_tokens fits the context window. Returns (messages, prompt ids, max_new_tokens, dropped)."""
+        prompt + max_new_tokens fits the context window; trim=False only checks that the prompt fits.
+        Returns (messages, prompt ids, max_new_tokens, number of pairs dropped)."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = list(messages[len(system):])
         dropped = 0
-        while True:
-            ids = self.prompt_ids(system + rest)
-            if len(ids) + max_new_tokens <= self.context_window or len(rest) <= 1:
-                break
+        ids = self.prompt_ids(system + rest)
+        while trim and len(ids) + max_new_tokens > self.context_window and len(rest) > 1:
             rest = rest[2:]  # one (user, assistant) pair
             dropped += 1
+            ids = self.prompt_ids(system + rest)
         if len(ids) >= self.context_window:
             raise ContextTooLong(f"这段输入有 {len(ids)} 个 token，超过了模型的上下文长度 {self.context_window}")
         return system + rest, ids, min(max_new_tokens, self.context_window - len(ids)), dropped
@@ -513,14 +520,7 @@ class ChatEngine:
         """Prepares one reply (nothing runs until it is iterated). trim=False (the API) refuses an overlong
         conversation instead of forgetting its beginning. extra goes to generate() (the benchmark's min_new_tokens)."""
         messages = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
-        dropped = 0
-        if trim:
-            messages, ids, max_new_tokens, dropped = self.fit(messages, max_new_tokens)
-        else:
-            ids = self.prompt_ids(messages)
-            if len(ids) >= self.context_window:
-                raise ContextTooLong(f"这段输入有 {len(ids)} 个 token，超过了模型的上下文长度 {self.context_window}")
-            max_new_tokens = min(max_new_tokens, self.context_window - len(ids))
+        messages, ids, max_new_tokens, dropped = self.fit(messages, max_new_tokens, trim)
         if temperature > 0 and top_p > 0:
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
         else:  # greedy; neutral values keep generate() from warning about unused sampling settings
@@ -551,7 +551,7 @@ class TerminalChat:
         s = self.settings
         try:
             reply = self.engine.reply(self.messages(), s.max_new_tokens, s.temperature, s.top_p)
-        except ContextTooLong as error:
+        except PromptError as error:
             self.history.pop()
             self.write(f"（{error}，请缩短后再试）\n")
             return None
@@ -597,7 +597,10 @@ class TerminalChat:
             if not argument:
                 self.write("用法：/save FILE（例如 /save chat.md）\n")
             else:
-                self.write(f"（已保存到 {self.save(argument)}）\n")
+                try:
+                    self.write(f"（已保存到 {self.save(argument)}）\n")
+                except UserError as error:
+                    self.write(f"{error}\n")
         elif command == "/set":
             self.write(self.set(argument) + "\n")
         else:
@@ -624,13 +627,16 @@ class TerminalChat:
             return (f"无法设置 {key}={value}：可设 temperature（≥0）、top_p（0~1]、max_new_tokens（≥1 的整数）、system")
         return f"（{key} = {value}）"
 
-    def save(self, filename):
+    def save(self, filename, title=None):
+        """.json: the message list; anything else: the Markdown transcript."""
         path = Path(filename)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".json":
-            path.write_text(json.dumps(self.messages(), ensure_ascii=False, indent=2), encoding="utf-8")
-        else:
-            path.write_text(self.transcript(), encoding="utf-8")
+        text = (json.dumps(self.messages(), ensure_ascii=False, indent=2) if path.suffix == ".json"
+                else self.transcript(title))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"无法写入 {path}（{error.strerror or error}）：换一个文件名或目录") from None
         return path
 
     def transcript(self, title=None):
@@ -660,9 +666,7 @@ def run_demo(chat, path):
         chat.ask(question)
         turns += chat.history
     chat.history = turns
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(chat.transcript("Task 0：和大模型聊天"), encoding="utf-8")
-    chat.write(f"（对话记录已写入 {path}）\n")
+    chat.write(f"（对话记录已写入 {chat.save(path, 'Task 0：和大模型聊天')}）\n")
 
 
 def run_terminal(chat, args):
@@ -689,11 +693,16 @@ def run_terminal(chat, args):
             if not chat.handle(line):
                 break
     else:  # stdin is a pipe or a file: each line is one user turn, never a prompt that waits
+        lines = 0
         for line in sys.stdin:
+            lines += 1
             if line.strip():
                 chat.write(f"用户> {line.strip()}\n")
             if not chat.handle(line):
                 break
+        if not lines:
+            print("提示：stdin 不是终端，也没有输入，所以没有对话：请在终端里运行，或用 --ask TEXT / --demo",
+                  file=sys.stderr)
     if args.save:
         chat.write(f"（对话记录已写入 {chat.save(args.save)}）\n")
 
@@ -728,7 +737,7 @@ def build_web_app(engine, settings):
             messages.insert(0, {"role": "system", "content": system.strip()})
         try:
             reply = engine.reply(messages, int(max_new_tokens), float(temperature), float(top_p))
-        except ContextTooLong as error:
+        except PromptError as error:
             yield history + [{"role": "assistant", "content": f"（{error}）"}]
             return
         text = ""
@@ -766,9 +775,9 @@ def build_web_app(engine, settings):
 # 5. OpenAI-compatible API (FastAPI)
 # ---------------------------------------------------------------------------------------------------------------
 class BadRequest(ValueError):
-    def __init__(self, message, param=None, code=None):
+    def __init__(self, message, param=None):
         super().__init__(message)
-        self.param, self.code = param, code
+        self.param = param
 
 
 def is_number(value):
@@ -864,9 +873,10 @@ def build_api_app(engine, settings, model_id, api_key=None):
             args, stream, include_usage = parse_chat_request(body, settings)
             reply = engine.reply(**args, trim=False)  # an API client sends the whole conversation it wants
         except BadRequest as bad:
-            return error(400, str(bad), bad.param, bad.code)
-        except ContextTooLong as bad:
-            return error(400, str(bad), "messages", "context_length_exceeded")
+            return error(400, str(bad), bad.param)
+        except PromptError as bad:
+            code = "context_length_exceeded" if isinstance(bad, ContextTooLong) else None
+            return error(400, str(bad), "messages", code)
         ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def usage():
@@ -914,13 +924,20 @@ def build_api_app(engine, settings, model_id, api_key=None):
 # ---------------------------------------------------------------------------------------------------------------
 # 6. main
 # ---------------------------------------------------------------------------------------------------------------
-def port_free(host, port):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def check_port(host, port):
+    """Fails before the model is loaded (minutes) when the server could not listen on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT is free
         try:
             probe.bind((host, port))
-            return True
-        except OSError:
-            return False
+        except socket.gaierror:
+            raise UserError(f"--host {host} 不是本机的地址：用 127.0.0.1（只有本机能访问）或 0.0.0.0（局域网也能访问）") from None
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"端口 {host}:{port} 已被占用：用 --port 换一个，或先关掉占用它的程序") from None
+            raise UserError(f"无法在 {host}:{port} 上监听（{error.strerror}）：--host 用 127.0.0.1 或 0.0.0.0，"
+                            f"--port 用 1024 以上的端口") from None
 
 
 def parse_args():
@@ -948,6 +965,8 @@ def parse_args():
         print(f"提示：忽略不认识的参数 {' '.join(unknown)}（python ChatGLM.py --help 查看全部参数）", file=sys.stderr)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("需要 --max-new-tokens ≥ 1、--temperature ≥ 0、0 < --top-p ≤ 1")
+    if args.port is not None and not 0 < args.port < 65536:
+        p.error("--port 要在 1 到 65535 之间")
     return args
 
 
@@ -957,8 +976,8 @@ def main():
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a console that cannot show Chinese gets '?', not a crash
     port = args.port or (8000 if args.api else 7860)
-    if (args.web or args.api) and not port_free(args.host, port):
-        raise UserError(f"端口 {args.host}:{port} 已被占用：用 --port 换一个，或先关掉占用它的程序")
+    if args.web or args.api:
+        check_port(args.host, port)
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.system)
     print(f"正在加载 {args.model} …", file=sys.stderr)
     model, tokenizer, device = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -980,6 +999,13 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+        sys.stdout.flush()
     except UserError as failure:
         print(f"错误：{failure}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C while loading the model or outside a reply
+        print("\n（已中断）", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `python ChatGLM.py --ask ... | head`: the reader left; leave quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail
         sys.exit(1)

@@ -16,6 +16,7 @@ Run:
 In the chat: /help, /clear (forget the history), /save FILE (Markdown transcript), /exit.
 """
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -95,7 +96,10 @@ def resolve_model(path):
         fail(f"no model in {path} and the Hugging Face hub cannot be reached: create {path} with the files of "
              f"hub id `{repo}` (e.g. `hf download {repo} --local-dir {path}`).")
     print(f"{path} not found: downloading `{repo}` from the Hugging Face hub ...", file=sys.stderr)
-    return snapshot_download(repo, allow_patterns=patterns)
+    try:
+        return snapshot_download(repo, allow_patterns=patterns)
+    except Exception as e:
+        fail(f"could not download `{repo}` ({type(e).__name__}): create {path} with the files of hub id `{repo}`.")
 
 
 def model_class(reference):
@@ -124,7 +128,8 @@ def load_models(args):
     tok_dir = adapter or base_dir
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if not tokenizer.chat_template:
-        fail(f"{tok_dir} has no chat template: use a model written by Supervised_Fine-Tuning.py.")
+        fail(f"{tok_dir} has no chat template: pass --adapter with the directory Supervised_Fine-Tuning.py wrote "
+             f"(or --base alone with its merged model).")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cls = model_class(args.reference)
     try:
@@ -300,10 +305,7 @@ def main(argv=None):
         sys.stdout.write(f"{label}: ")
         sys.stdout.flush()
         try:
-            if adapter_off:
-                with net.disable_adapter():
-                    reply, trimmed = generate_reply(net, tokenizer, msgs, args, user_prefix, sys.stdout)
-            else:
+            with net.disable_adapter() if adapter_off else contextlib.nullcontext():
                 reply, trimmed = generate_reply(net, tokenizer, msgs, args, user_prefix, sys.stdout)
         except KeyboardInterrupt:
             reply, trimmed = "(interrupted)", False

@@ -192,8 +192,11 @@ def resolve_data(path):
 
 def read_records(path):
     """A JSON list of records, or JSONL (one record per line; a line that is not JSON counts as bad)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text: save the conversations as UTF-8 JSON or JSONL.")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -531,13 +534,15 @@ def add_lora(model, args, quant, gradient_checkpointing):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
-        # Non-reentrant checkpointing works although the frozen base weights need no grad.
+        # Non-reentrant checkpointing: the old (reentrant) kind gives no gradients to LoRA when the block's
+        # inputs do not require grad, which they do not here (the embeddings are frozen).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     # GPT-2's Conv1D stores weights as (in, out): LoRA must know (fan_in_fan_out=True). The quantizer turns
     # Conv1D into ordinary (out, in) Linear4bit/Linear8bitLt layers, where it must be False.
-    first = next(m for name, m in model.named_modules() if name.endswith("c_attn"))
-    fan_in_fan_out = type(first).__name__ == "Conv1D"
+    # (Our gpt2/modeling_gpt2.Conv1D subclasses transformers' Conv1D, so one isinstance check covers both models.)
+    from transformers.pytorch_utils import Conv1D
+    c_attn = next(m for name, m in model.named_modules() if name.endswith("c_attn"))
+    fan_in_fan_out = isinstance(c_attn, Conv1D)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS,
                         fan_in_fan_out=fan_in_fan_out, bias="none")
@@ -557,28 +562,31 @@ def atomic_save(out_dir, write):
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    # Same parent directory, so the renames below stay on one file system (a rename there is atomic).
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes a private (0700) directory; the output should be readable like any other
+    old = tmp + ".old"  # unique, because tmp is
     try:
         write(tmp)
-        old = None
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
+            os.replace(out_dir, old)  # a directory cannot be replaced in one step: move the old one aside first
         os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(out_dir):
+            os.replace(old, out_dir)  # put the previous output back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_loss_curve(log_history, path):
+def save_loss_curve(log_history, path, eval_before=None):
     import matplotlib
     matplotlib.use("Agg")  # no display needed (Colab, servers)
     import matplotlib.pyplot as plt
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    # Trainer.train() starts a fresh log, so the evaluation before training is added here, at step 0.
+    evals = [(0, eval_before)] if eval_before is not None else []
+    evals += [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -731,6 +739,7 @@ def main(argv=None, extra_callbacks=()):
         report_to="none",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        # Progress bars in a terminal or a notebook; only the log lines when the output goes to a file.
         disable_tqdm=not sys.stderr.isatty() and "COLAB_RELEASE_TAG" not in os.environ and "JPY_PARENT_PID" not in os.environ,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -739,7 +748,9 @@ def main(argv=None, extra_callbacks=()):
 
     metrics = {"kept": len(conversations), "skipped": dict(skipped), "train_examples": len(train_examples),
                "eval_conversations": len(eval_convs), "precision": precision, "quant": quant or "none"}
-    if eval_ds is not None and not last:
+    if eval_ds is not None:
+        # Also when resuming: the checkpoint is loaded only inside train(), and a fresh LoRA adapter (lora_B = 0)
+        # leaves the base model unchanged, so this is the base model's loss in every case.
         before = trainer.evaluate()["eval_loss"]
         metrics["eval_loss_before"] = before
         log(f"Before training: eval loss {before:.4f}, perplexity {perplexity(before):.2f}")
@@ -772,7 +783,7 @@ def main(argv=None, extra_callbacks=()):
         def write(tmp):
             trainer.model.save_pretrained(tmp)  # the LoRA adapter only (a few MB) + adapter_config.json
             tokenizer.save_pretrained(tmp)      # with the chat template
-            save_loss_curve(trainer.state.log_history, os.path.join(tmp, "loss.png"))
+            save_loss_curve(trainer.state.log_history, os.path.join(tmp, "loss.png"), metrics.get("eval_loss_before"))
             with open(os.path.join(tmp, "train_metrics.json"), "w", encoding="utf-8") as f:
                 json.dump({**metrics, "log_history": trainer.state.log_history}, f, indent=1)
         atomic_save(output, write)

@@ -210,10 +210,23 @@ def test_notebook_argv_is_ignored(ab, tiny, capsys):
     assert code == 0 and "← 答案" in out and "-f" in err
 
 
+def test_a_closed_stdout_ends_quietly(tiny):
+    """`python A+B_Problem.py | head`, where head has already left: no traceback, no error message."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        p = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny["st"])], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert p.returncode == 1 and p.stderr == ""
+
+
 # ------------------------------------------------------------------ clear errors
-def test_missing_model_offline(tmp_path):
+@pytest.mark.parametrize("argv", [[], ["--model", "model/bert-base-chinese"]])
+def test_missing_model_offline(tmp_path, argv):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    p = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 1
     assert "model/bert-base-chinese" in p.stderr and "hf download bert-base-chinese" in p.stderr
@@ -229,6 +242,8 @@ def test_unknown_word_is_named(ab, tiny, capsys, expr, word):
 def test_empty_expression(ab, tiny, capsys):
     code, _, err = run(ab, capsys, "--model", tiny["st"], "--expr", " = ？")
     assert code == 2 and "empty expression" in err
+    code, _, err = run(ab, capsys, "--model", tiny["st"], "--expr", "国王", "--choices", "学生", " ")
+    assert code == 2 and "empty candidate" in err
 
 
 def test_model_without_input_embeddings(ab, capsys, tmp_path):
@@ -274,6 +289,12 @@ def test_vectors_topk_match_gensim(ab, w2v, capsys, tmp_path, method, fmt):
 def test_vectors_unknown_word(ab, w2v, capsys):
     code, _, err = run(ab, capsys, "--vectors", w2v["txt"], "--expr", "国王-女王")
     assert code == 2 and "“女王”" in err
+
+
+def test_topk_with_nothing_left_to_rank(ab, capsys, tmp_path):
+    (tmp_path / "two.txt").write_text("2 2\n国王 1 0\n女人 0 1\n", encoding="utf-8")
+    code, _, err = run(ab, capsys, "--vectors", tmp_path / "two.txt", "--expr", "国王-女人")
+    assert code == 2 and "no word left" in err and "Traceback" not in err
 
 
 def test_vectors_file_that_does_not_parse(ab, capsys, tmp_path):

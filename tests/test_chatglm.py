@@ -194,6 +194,21 @@ def test_untemplated_model_gets_a_plain_prompt(engine):
     assert prompt == "S\n\nUser: Q\nAssistant:"
 
 
+# Like Llama-2's or Gemma's templates: no system role, and user/assistant must alternate.
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                   "{% elif loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+                   "{% endif %}{% endfor %}" + CHAT_TEMPLATE)
+
+
+def test_a_strict_template_merges_the_system_prompt_or_says_what_is_wrong(engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", STRICT_TEMPLATE)
+    prompt = engine.render([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    assert prompt == "<|im_start|>user S\n\nQ<|im_end|><|im_start|>assistant "
+    with pytest.raises(ChatGLM.PromptError, match="alternate"):
+        engine.reply([{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}])
+
+
 # ------------------------------------------------------------------------------------------------ terminal
 def test_terminal_commands_and_transcripts(engine, tmp_path):
     out = io.StringIO()
@@ -218,6 +233,15 @@ def test_terminal_commands_and_transcripts(engine, tmp_path):
     assert chat.handle("/nonsense") and "不认识的命令" in out.getvalue()
     assert chat.handle("/clear") and chat.history == []
     assert chat.handle("/exit") is False
+
+
+def test_a_save_path_that_cannot_be_written_does_not_end_the_chat(engine, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = io.StringIO()
+    chat = ChatGLM.TerminalChat(engine, ChatGLM.Settings(max_new_tokens=4, temperature=0), out=out)
+    assert chat.handle(f"/save {tmp_path / 'file' / 'chat.md'}")  # a directory below a file
+    assert "无法写入" in out.getvalue() and "chat.md" in out.getvalue()
+    assert chat.handle("你好") and len(chat.history) == 2
 
 
 class InterruptingOut(io.StringIO):
@@ -345,6 +369,26 @@ def test_user_turns_from_stdin(engine, tiny_dir, monkeypatch, capsys):
     assert out.count("tiny-chat> ") == 1, "nothing is answered after /exit"
 
 
+def test_empty_stdin_says_what_to_do(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    run_main(monkeypatch, "--model", tiny_dir)
+    assert "--ask" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_quietly(tiny_dir):
+    """`python ChatGLM.py --ask ... | head`, where head has already left: no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--model", tiny_dir, "--ask", "你好",
+                                 "--max-new-tokens", "4"], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8"))
+    finally:
+        os.close(write)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
 # ------------------------------------------------------------------------------------------------ loading errors
 def test_missing_weights_say_which_dir_to_create(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -377,15 +421,22 @@ def test_chatglm_on_new_transformers_explains_the_fix(tmp_path):
     assert "transformers==4.41.2" in requirements
 
 
-def test_port_in_use_is_reported_before_loading(monkeypatch):
+def test_port_problems_are_reported_before_loading(monkeypatch):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         for mode in ("--api", "--web"):
-            with pytest.raises(ChatGLM.UserError) as error:
+            with pytest.raises(ChatGLM.UserError, match="已被占用") as error:
                 run_main(monkeypatch, mode, "--port", str(port), "--model", "model/not-loaded")
-            assert str(port) in str(error.value) and "--port" in str(error.value)
+            assert f"127.0.0.1:{port}" in str(error.value) and "--port" in str(error.value)
+    # 192.0.2.1 (TEST-NET) is no address of this machine: not "in use", but which --host to use
+    with pytest.raises(ChatGLM.UserError, match="192.0.2.1:8000") as error:
+        run_main(monkeypatch, "--api", "--host", "192.0.2.1", "--model", "model/not-loaded")
+    assert "--host" in str(error.value) and "已被占用" not in str(error.value)
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, not an OverflowError from bind()
+        run_main(monkeypatch, "--web", "--port", "70000", "--model", "model/not-loaded")
+    assert exit_.value.code == 2
 
 
 # ------------------------------------------------------------------------------------------------ other model kinds

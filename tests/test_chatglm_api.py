@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 import ChatGLM
-from test_chatglm import engine, reference, tiny_dir  # noqa: F401  (session fixtures)
+from test_chatglm import STRICT_TEMPLATE, engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
 KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "你好"}]
@@ -140,6 +140,17 @@ def test_bad_requests_through_the_client(server, client):
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 
 
+def test_messages_the_chat_template_rejects_get_a_400(server, client, engine, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(engine.tokenizer, "chat_template", STRICT_TEMPLATE)  # roles must alternate
+    body = {"model": "m", "messages": [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}]}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "alternate" in error["message"]
+    assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=3).choices[0].message.content
+
+
 def test_api_key_is_required(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -190,12 +201,24 @@ def test_concurrent_requests_are_queued_not_dropped(client, engine, monkeypatch)
         assert results[i] == reference(engine, [{"role": "user", "content": question}], 16)[0]
 
 
-def test_a_client_that_hangs_up_does_not_block_the_next(server, client, engine):  # noqa: F811
+def test_a_client_that_hangs_up_stops_its_generation(server, client, engine, monkeypatch):  # noqa: F811
+    expected = reference(engine, HELLO, 4)[0]
+    generated, generate = [], engine.model.generate
+
+    def counting_generate(*args, **kwargs):  # how many new tokens each generation made
+        out = generate(*args, **kwargs)
+        generated.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", counting_generate)
+    config = engine.model.generation_config
+    monkeypatch.setattr(config, "min_new_tokens", 240)  # without the hang-up it would make all 240 tokens
     body = {"model": "m", "messages": HELLO, "stream": True, "max_tokens": 240, "temperature": 0}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
-        next(response.iter_lines())  # read a little, then close the connection mid-answer
-    started = time.time()
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(events), next(events)  # the role, then the first piece: generation has started; now hang up
+        monkeypatch.setattr(config, "min_new_tokens", None)
     result = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, temperature=0)
-    assert result.choices[0].message.content == reference(engine, HELLO, 4)[0]
-    assert time.time() - started < 60
+    assert result.choices[0].message.content == expected
+    assert len(generated) == 2 and generated[0] < 240, generated  # the next request waited for the first to end
