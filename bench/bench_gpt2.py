@@ -106,8 +106,10 @@ def main():
             for model in models.values():  # warm-up: first calls allocate and pick kernels
                 function(model)
             samples = {key: [] for key in models}
-            for _ in range(args.repeats):
-                for key, model in models.items():  # alternate, so that machine noise hits both alike
+            for repeat in range(args.repeats):
+                # Alternate, and swap who goes first, so that machine noise and warm caches hit both alike.
+                order = list(models.items()) if repeat % 2 == 0 else list(models.items())[::-1]
+                for key, model in order:
                     samples[key].append(function(model))
             ref, ours = statistics.median(samples["transformers"]), statistics.median(samples["ours"])
             ratio = ref / ours if unit == "s" else ours / ref
