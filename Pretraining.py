@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -121,9 +120,11 @@ def setup_distributed(args):
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     else:
         device = args.device
+        if device != "cpu" and not device.startswith("cuda"):
+            raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N.")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but PyTorch sees no GPU: use --device cpu.")
-        if device == "cuda" and world > 1:
+            raise UserError(f"--device {device} was asked for, but PyTorch sees no GPU: use --device cpu.")
+        if device == "cuda":  # set_device and DDP need the index: each torchrun process takes its own GPU
             device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -183,10 +184,19 @@ def read_lines(path, bar=None):
 
     A .json file that holds one JSON list is read whole and gives one line per record.
     """
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"Cannot read {path} ({e.strerror}): check the path and its permissions, "
+                        "or leave it out of --data.")
+    with f:
         if path.endswith(".json") and f.read(1) == b"[":
             f.seek(0)
-            records = json.load(f)
+            try:
+                records = json.load(f)
+            except ValueError as e:
+                raise UserError(f"{path} starts like a JSON list but is not valid JSON ({e}): "
+                                "fix it or convert it to JSONL.")
             if bar is not None:
                 bar.update(os.path.getsize(path))
             yield [json.dumps(r, ensure_ascii=False).encode() for r in records]
@@ -323,11 +333,9 @@ def prepare_data(args, files, block_size):
                                       disable=args.no_progress) as bar:
         def flush():
             nonlocal n_tokens, batch
-            ids = []
-            for enc in encoder.encode_batch([t for t in batch if t is not None], add_special_tokens=False):
-                ids.append(enc.ids)
+            encoded = encoder.encode_batch([t for t in batch if t is not None], add_special_tokens=False)
             # Re-insert end-of-text tokens where documents ended.
-            it, flat = iter(ids), []
+            it, flat = (enc.ids for enc in encoded), []
             for t in batch:
                 flat += [eos] if t is None else next(it)
             np.asarray(flat, dtype=dtype).tofile(out)
@@ -463,10 +471,10 @@ def sample_text(model, tok, n_tokens, block_size, device):
 
 # ----------------------------------------------------------------------------- checkpoints and plots
 def save_checkpoint(path, model, optimizer, scaler, step, history, config, args):
+    # No random-number states: the data (step_offsets) and the dropout masks (seeded per step in train())
+    # depend only on the step, so a resumed run repeats exactly what the uninterrupted one would have done.
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "history": history, "config": config.to_dict(), "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "step": step, "history": history, "config": config.to_dict(), "args": vars(args)}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a kill during the save leaves the previous checkpoint intact
@@ -518,11 +526,19 @@ def train(args):
     block_size = args.block_size or SIZES[args.size]["block_size"]
     if checkpoint:
         block_size = checkpoint["config"]["n_positions"]
+    error = None
     if master:
         os.makedirs(args.out, exist_ok=True)
-        prepare_data(args, files, block_size)
-    if ddp:
-        torch.distributed.barrier()
+        try:
+            prepare_data(args, files, block_size)
+        except UserError as e:
+            error = str(e)
+    if ddp:  # the others wait here for the corpus, and learn whether rank 0 failed (else they would hang)
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
     tok = AutoTokenizer.from_pretrained(args.out)
     train_data, val_data, meta = load_data(args.out)
     if min(len(train_data), len(val_data)) < block_size + 2:
@@ -533,6 +549,9 @@ def train(args):
     from transformers import GPT2Config
     if checkpoint:
         config = GPT2Config.from_dict(checkpoint["config"])
+        if config.vocab_size != len(tok):
+            raise UserError(f"{ckpt_path} was trained with a vocabulary of {config.vocab_size}, but the tokenizer now "
+                            f"has {len(tok)}: resume with the same --data and --tokenizer, or use a new --out.")
     else:
         config = build_config(args, len(tok), tok.eos_token_id)
     args.lr = args.lr or (1e-3 if config.n_embd < 768 else 6e-4)
@@ -553,21 +572,13 @@ def train(args):
                 if amp_dtype else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")  # fp16 needs loss scaling, bf16 does not
     optimizer = configure_optimizer(model, args, device)
-    history, start_step = {"train": [], "val": []}, 0
+    history, start_step = {"train": [], "val": [], "grad_norm": []}, 0
     if checkpoint:
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         history, start_step = checkpoint["history"], checkpoint["step"]
-        if master:  # other ranks keep their own seeds; data order does not depend on these states
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            np.random.set_state(checkpoint["rng"]["numpy"])
-            random.setstate(checkpoint["rng"]["python"])
-            if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         del checkpoint
-    if not args.resume or start_step == 0:
-        torch.manual_seed(args.seed + rank)  # different dropout masks per rank
     if args.compile:
         model = torch.compile(model)
     if ddp:
@@ -575,7 +586,8 @@ def train(args):
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
 
     tokens_per_step = args.grad_accum * args.batch_size * block_size
-    fpt, peak = flops_per_token(config), peak_flops(args, device, dtype)
+    # tokens/s counts the tokens of all processes, so MFU compares it with the peak of all devices together.
+    fpt, peak = flops_per_token(config), peak_flops(args, device, dtype) * world
     log(f"Model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {block_size}, "
         f"vocabulary {config.vocab_size}: {n_params / 1e6:.2f}M parameters ({args.model_impl} implementation).")
     log(f"Training on {device} x{world} ({dtype}), {tokens_per_step:,} tokens per step "
@@ -603,6 +615,9 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         offsets = step_offsets(args.seed, step, len(train_data), args.grad_accum, args.batch_size, block_size)
+        # Dropout masks from (seed, rank, step) alone: different on every rank, the same after a --resume.
+        # (hash() of a tuple of ints is the same in every process; only str hashes change per run.)
+        torch.manual_seed(hash((args.seed, rank, step)) % 2**63)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum_local):
             x, y = get_batch(train_data, offsets[rank + micro * world], block_size, device)
@@ -614,9 +629,9 @@ def train(args):
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum_local
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.unscale_(optimizer)  # fp16: back to true gradients before measuring them (a no-op otherwise)
+        # The gradient norm is worth watching (spikes announce trouble); with --grad-clip 0 it is only measured.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -625,15 +640,17 @@ def train(args):
             loss_sum /= world
         train_loss = loss_sum.item()
         history["train"].append((step + 1, train_loss))
+        history["grad_norm"].append(grad_norm)
         dt = time.perf_counter() - t0
         if step - start_step >= 2:  # the first steps include one-off warm-up costs (allocations, compile)
             timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
         tok_s = tokens_per_step / dt
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.2f}", tok_s=f"{tok_s:,.0f}",
                         mfu=f"{fpt * tok_s / peak:.1%}", refresh=False)
         bar.update(1)
         if args.no_progress and master and time.perf_counter() - t_last_log > 10:
-            print(f"step {step + 1}/{args.max_steps} loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s", flush=True)
+            print(f"step {step + 1}/{args.max_steps} loss {train_loss:.4f} lr {lr:.2e} norm {grad_norm:.2f} "
+                  f"{tok_s:,.0f} tok/s MFU {fpt * tok_s / peak:.1%}", flush=True)
             t_last_log = time.perf_counter()
         done = step + 1
         if master and args.eval_interval and done % args.eval_interval == 0 and done < args.max_steps:
@@ -671,7 +688,8 @@ def main(argv=None):
     try:
         train(args)
     except UserError as e:
-        print(f"Error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops, but one message is enough
+            print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue later with the same command plus --resume (checkpoint: {args.out}/ckpt.pt).",

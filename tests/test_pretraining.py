@@ -91,7 +91,26 @@ def test_char_run_learns_and_writes_curve_and_checkpoint(char_run):
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1
     assert os.path.getsize(os.path.join(char_run, "loss_curve.png")) > 1000
     ckpt = torch.load(os.path.join(char_run, "ckpt.pt"), weights_only=False)
-    assert ckpt["step"] == 40 and {"model", "optimizer", "rng", "history"} <= set(ckpt)
+    assert ckpt["step"] == 40 and {"model", "optimizer", "scaler", "history", "config"} <= set(ckpt)
+    assert len(m["history"]["grad_norm"]) == 40 and all(n > 0 for n in m["history"]["grad_norm"])
+
+
+def test_weight_decay_on_matrices_only_and_the_tied_embedding_once():
+    from transformers import GPT2Config
+    from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    args = Pretraining.parse_args(["--weight-decay", "0.1", "--lr", "1e-3"])
+    decay, no_decay = Pretraining.configure_optimizer(model, args, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}  # named_parameters lists a tied weight once
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert all(n.endswith(".weight") and ".ln_" not in n for n in decayed), decayed
+    assert all(n.endswith(".bias") or ".ln_" in n for n in (names[id(p)] for p in no_decay["params"]))
+    # Every parameter is optimized exactly once (a tied weight listed twice would be updated twice).
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(names)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -143,24 +162,29 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert metrics(full)["history"]["train"] == metrics(broken)["history"]["train"]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 4, "--eval-interval", 0, "--lr", "3e-3",
-              *TINY, "--grad-accum", 4, "--batch-size", 2]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_inprocess(*common, "--out", one)
-    r = run_subprocess(*common, "--out", two, torchrun=2)
+def test_two_processes_and_accumulation_equal_one_big_batch(tmp_path):
+    """The same 8 sequences per step as 1x8, as 4 accumulated micro-batches of 2, and over 2 processes (DDP)."""
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 4, "--eval-interval", 0, "--lr", "3e-3", *TINY]
+    big, accum, two = tmp_path / "big", tmp_path / "accum", tmp_path / "two"
+    run_inprocess(*common, "--grad-accum", 1, "--batch-size", 8, "--out", big)
+    run_inprocess(*common, "--grad-accum", 4, "--batch-size", 2, "--out", accum)
+    r = run_subprocess(*common, "--grad-accum", 4, "--batch-size", 2, "--out", two, torchrun=2)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "x2" in r.stdout  # really ran as 2 processes
-    a, b = load_params(one), load_params(two)
-    # Summation order differs (gloo averages two half-sums), so allow float rounding: 1e-5 on weights of
-    # size ~0.1. The attention key bias has a zero true gradient (softmax ignores a shift that is the same for
-    # every key), so Adam turns its rounding noise into updates of ~1e-6; a real bug (gradients summed instead
-    # of averaged, a micro-batch dropped) moves weights by ~lr = 3e-3.
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
-    la = [loss for _, loss in metrics(one)["history"]["train"]]
-    lb = [loss for _, loss in metrics(two)["history"]["train"]]
-    assert lb == pytest.approx(la, rel=1e-5)
+    ref = metrics(big)["history"]
+    for out in (accum, two):
+        # Adam's update hardly changes when every gradient is scaled by the same factor, so the weights alone
+        # would not notice a missing 1/grad_accum or gradients summed instead of averaged over processes:
+        # the gradient norm does. The weights catch a micro-batch dropped, repeated, or not synchronised.
+        h = metrics(out)["history"]
+        assert h["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), out.name
+        assert [loss for _, loss in h["train"]] == pytest.approx([loss for _, loss in ref["train"]], rel=1e-5)
+        # Summation order differs, so allow float rounding. Adam divides each gradient by its own size, so a
+        # weight whose true gradient is ~0 (the attention key bias, a dead GELU unit) moves by up to ~lr on
+        # rounding noise alone: 1e-4 leaves room for that, while a real bug moves nearly every weight by ~lr = 3e-3.
+        a, b = load_params(big), load_params(out)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-4, msg=f"{out.name}: {k}")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -169,9 +193,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
      "--tokenizer bpe or --tokenizer char"),
     (["--data", TEXTS[0], "--tokenizer", "char", "--block-size", "4096"], "lower --block-size"),
     (["--data", TEXTS[0], "--tokenizer", "char", "--dtype", "fp16", "--device", "cpu"], "fp16 autocast needs a GPU"),
+    (["--data", "{tmp}/broken.json", "--tokenizer", "char"], "is not valid JSON"),
+    (["--data", TEXTS[0], "--size", "huge"], "invalid choice: 'huge'"),
+    (["--data", TEXTS[0], "--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
+    (["--data", TEXTS[0], "--tokenizer", "char", "--n-embd", "30", "--n-head", "4"], "must be a multiple of --n-head"),
 ])
 def test_foreseeable_mistakes_end_with_one_sentence(tmp_path, capsys, extra, message):
-    argv = TINY + ["--max-steps", "1", "--out", str(tmp_path)] + extra  # argparse: the last value wins
+    (tmp_path / "broken.json").write_text('[{"text": "a list cut short"', encoding="utf-8")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    argv = TINY + ["--max-steps", "1", "--out", str(tmp_path / "out")] + extra  # argparse: the last value wins
     with pytest.raises(SystemExit) as e:
         Pretraining.main(argv)
     assert e.value.code == 2
