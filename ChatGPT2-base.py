@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
+HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:  # so that `import gpt2.modeling_gpt2` works from any directory
     sys.path.insert(0, HERE)
 

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-ROOT = Path(__file__).resolve().parent
+# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
+ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 DEFAULT_FILE = ROOT / "gpt2" / "modeling_gpt2.py"
 DEFAULT_MODEL = ROOT / "model" / "gpt2-base"
 HUB_ID = "gpt2"

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
+ROOT = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if ROOT not in sys.path:  # so `gpt2/` imports from any working directory (and in Colab)
     sys.path.insert(0, ROOT)
 

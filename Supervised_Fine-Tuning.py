@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 # Make `import gpt2.modeling_gpt2` work whatever the current directory is (Colab cells, tests, torchrun).
-HERE = os.path.dirname(os.path.abspath(__file__))
+# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
+HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
