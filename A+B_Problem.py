@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hub_utils import hub_reachable  # shared by every task script
+
 DEFAULT_DIR = "model/bert-base-chinese"   # course layout: weights live under model/
 HUB_ID = "bert-base-chinese"              # fallback when the directory is missing
 QUESTIONS = [  # (title, expression, candidates) straight from the handout
@@ -242,20 +244,6 @@ def resolve_model(name):
     except Exception as e:
         raise ABError(f"{where} (download failed: {type(e).__name__}: {str(e)[:200]})", 1)
     return path
-
-
-def hub_reachable(timeout=3.0):
-    """Fail fast without network: a TCP connect takes seconds, the hub client retries for a minute."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True   # behind a proxy only the hub client can tell
-    import socket
-    from urllib.parse import urlparse
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def read_input_embeddings(model_dir):

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from queue import Empty, Queue
-from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -37,6 +36,8 @@ from packaging.version import Version
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
                           StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
+
+from hub_utils import hub_reachable  # shared by every task script
 
 # ---------------------------------------------------------------------------------------------------------------
 # 0. Constants
@@ -79,20 +80,6 @@ def first_line(error):
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Finding and loading the model
 # ---------------------------------------------------------------------------------------------------------------
-def hub_reachable(timeout=3.0):
-    """A quick TCP probe: without it, from_pretrained retries a dead network for about a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy only the hub client itself can tell
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def resolve_model(name):
     """Returns (where to load from, local_files_only, the directory the student should create or None).
 

@@ -19,9 +19,7 @@ import argparse
 import contextlib
 import os
 import re
-import socket
 import sys
-from urllib.parse import urlparse
 
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
@@ -30,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:  # so that `import gpt2.modeling_gpt2` works from any directory
     sys.path.insert(0, HERE)
+from hub_utils import hub_reachable  # noqa: E402  (shared by every task script)
 
 DEFAULT_BASE = "model/gpt2-base"
 HUB_MODEL = "gpt2"
@@ -69,17 +68,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 # Loading: local directory first, then the hub (saying so); a clear sentence when neither works.
 # ---------------------------------------------------------------------------------------------------------
-
-def hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 def resolve_model(path):
     if os.path.isdir(path):

@@ -20,12 +20,10 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 # Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -72,17 +70,11 @@ def load_module(path):
 
 
 def hub_reachable(timeout=3.0):
-    """True if the model hub answers quickly. Offline runs fail fast instead of retrying for a minute."""
-    from huggingface_hub import constants
+    """Can the hub be reached quickly? (The shared helper in hub_utils.py, imported only when needed, so the
+    grader can load this file without the repository root on its path.)"""
+    from hub_utils import hub_reachable as reachable
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return reachable(timeout)
 
 
 def sensitive_random_gpt2(seed=SEED, **config_overrides):

@@ -30,19 +30,18 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 # Make `import gpt2.modeling_gpt2` work whatever the current directory is (Colab cells, tests, torchrun).
 # Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+from hub_utils import hub_reachable  # noqa: E402  (shared by every task script)
 
 DEFAULT_MODEL = "model/gpt2-base"
 HUB_MODEL = "gpt2"
@@ -127,18 +126,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 # 1. Finding weights and data: local directory first, then the hub (and say so), fail fast when offline.
 # ---------------------------------------------------------------------------------------------------------
-
-def hub_reachable(timeout=3.0):
-    """A quick TCP check, so that no network fails in seconds instead of a minute of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 def resolve_model(path, default=DEFAULT_MODEL, hub_id=HUB_MODEL):
     """Return a local directory with the model, downloading from the hub only when it is not on disk."""
