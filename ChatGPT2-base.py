@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:  # so that `import gpt2.modeling_gpt2` works from any directory
     sys.path.insert(0, HERE)
-from hub_utils import hub_reachable  # noqa: E402  (shared by every task script)
+from hub_utils import local_or_hub_model  # noqa: E402  (shared by every task script)
 
 DEFAULT_BASE = "model/gpt2-base"
 HUB_MODEL = "gpt2"
@@ -70,25 +70,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 
 def resolve_model(path):
-    if os.path.isdir(path):
-        return path
-    if not os.path.isabs(path) and os.path.isdir(os.path.join(HERE, path)):  # run from another directory
-        return os.path.join(HERE, path)
-    repo = HUB_MODEL if path == DEFAULT_BASE else path
-    from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
-    try:
-        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
-    except Exception:
-        pass
-    if not hub_reachable():
-        fail(f"no model in {path} and the Hugging Face hub cannot be reached: create {path} with the files of "
-             f"hub id `{repo}` (e.g. `hf download {repo} --local-dir {path}`).")
-    print(f"{path} not found: downloading `{repo}` from the Hugging Face hub ...", file=sys.stderr)
-    try:
-        return snapshot_download(repo, allow_patterns=patterns)
-    except Exception as e:
-        fail(f"could not download `{repo}` ({type(e).__name__}): create {path} with the files of hub id `{repo}`.")
+    """Return a local directory with the model, downloading from the hub only when it is not on disk."""
+    return local_or_hub_model(path, HUB_MODEL if path == DEFAULT_BASE else path, HERE)
 
 
 def model_class(reference):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from hub_utils import hub_reachable  # noqa: E402  (shared by every task script)
+from hub_utils import hub_reachable, local_or_hub_model  # noqa: E402  (shared by every task script)
 
 DEFAULT_MODEL = "model/gpt2-base"
 HUB_MODEL = "gpt2"
@@ -129,25 +129,7 @@ def parse_args(argv=None):
 
 def resolve_model(path, default=DEFAULT_MODEL, hub_id=HUB_MODEL):
     """Return a local directory with the model, downloading from the hub only when it is not on disk."""
-    if os.path.isdir(path):
-        return path
-    if not os.path.isabs(path) and os.path.isdir(os.path.join(HERE, path)):  # run from another directory
-        return os.path.join(HERE, path)
-    repo = hub_id if path == default else path
-    from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]  # skip gpt2's TF/Flax/ONNX files
-    try:  # already in the hub cache from an earlier download?
-        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
-    except Exception:
-        pass
-    if not hub_reachable():
-        fail(f"no model in {path} and the Hugging Face hub cannot be reached: create {path} with the files of "
-             f"hub id `{repo}` (e.g. `hf download {repo} --local-dir {path}` on a machine with network).")
-    log(f"{path} not found: downloading `{repo}` from the Hugging Face hub ...")
-    try:
-        return snapshot_download(repo, allow_patterns=patterns)
-    except Exception as e:
-        fail(f"could not download `{repo}` ({type(e).__name__}): create {path} with the files of hub id `{repo}`.")
+    return local_or_hub_model(path, hub_id if path == default else path, HERE, announce=log)
 
 
 def resolve_data(path):
