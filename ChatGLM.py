@@ -10,9 +10,11 @@
     python ChatGLM.py --demo                            # 问讲义里的三个问题，写出 Markdown 对话记录
     python ChatGLM.py --web [--share]                   # Gradio 网页（Colab 上加 --share）
     python ChatGLM.py --api [--api-key KEY]             # OpenAI 兼容接口 http://127.0.0.1:8000/v1
+    python ChatGLM.py --convert SRC OUT                 # 把 THUDM 发布的 ChatGLM2 目录转成 transformers 原生格式
 
 终端里的命令：/help /clear /exit /save FILE /set key=value；Ctrl-C 只打断当前回答。
-ChatGLM 的 remote code 只能在旧版 transformers 上运行：pip install -r requirements-chatglm.txt。
+ChatGLM2 第一次使用时自动转换为 transformers 自带的 glm 格式（convert_chatglm2.py），不运行 remote code；
+只有 ChatGLM-6B 第一代还要旧版 transformers：pip install -r requirements-chatglm.txt（单独的环境）。
 """
 import argparse
 import copy
@@ -37,6 +39,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, Stoppi
                           StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
+import convert_chatglm2  # ChatGLM2 in THUDM's layout -> transformers' own glm model
 from hub_utils import hub_reachable  # shared by every task script
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,7 +54,8 @@ KNOWN_HUB_IDS = {
     "chatglm-6b": "THUDM/chatglm-6b",
     "Llama-2-7b-chat-hf": "meta-llama/Llama-2-7b-chat-hf",
 }
-# ChatGLM(2)'s modeling_chatglm.py is written against transformers 4.3x: from 4.42 on, its chat() fails
+# ChatGLM-6B v1's modeling_chatglm.py (ChatGLM2 no longer needs it: see convert_chatglm2.py) is written
+# against transformers 4.3x: from 4.42 on, its chat() fails
 # ("too many values to unpack", then removed cache helpers, then no GenerationMixin in 5.x).
 CHATGLM_TRANSFORMERS = (Version("4.30"), Version("4.42"))
 CHATGLM_RANGE = ">=4.30,<4.42"
@@ -123,7 +127,7 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    if name != "auto":
+    if name not in ("auto", "nf4"):  # nf4: 4-bit weights, computing in the automatic dtype
         return DTYPES[name]
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -136,19 +140,37 @@ def read_config(source):
 
 
 def is_chatglm(name, config):
-    return config.get("model_type") == "chatglm" or "chatglm" in str(name).lower()
+    return config.get("model_type") == "chatglm" if config else "chatglm" in str(name).lower()
+
+
+def is_chatglm_v1(name, config):
+    return convert_chatglm2.is_chatglm_v1(config) if config else "chatglm-6b" in str(name).lower()
+
+
+def chatglm2_native(source, local_only, wanted):
+    """ChatGLM2 in THUDM's layout -> its native `glm` copy beside it, converted on first use, then reused."""
+    target = convert_chatglm2.native_dir_for(source, wanted)
+    if target.is_dir():
+        print(f"使用已转换的 {target}", file=sys.stderr)
+        return str(target)
+    if not Path(source).is_dir():  # a hub id: THUDM's files, but not their .py (we never run them)
+        from huggingface_hub import snapshot_download
+        source = snapshot_download(source, local_files_only=local_only,
+                                   allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin"])
+    print(f"第一次使用：把 {source} 转换为 transformers 原生格式，存到 {target}（只做一次）", file=sys.stderr)
+    return str(convert_chatglm2.convert(source, target))
 
 
 def check_chatglm_transformers():
     low, high = CHATGLM_TRANSFORMERS
     have = Version(transformers.__version__)
     if not (low <= have < high):
-        raise UserError(f"ChatGLM 的 remote code 需要 transformers{CHATGLM_RANGE}（当前是 {have}）："
+        raise UserError(f"ChatGLM-6B 第一代的 remote code 需要 transformers{CHATGLM_RANGE}（当前是 {have}）："
                         f"请在单独的环境或 Colab 里运行 pip install -r requirements-chatglm.txt（其中是 transformers==4.41.2）")
 
 
 def load_chatglm(source, local_only, device, dtype_name, config):
-    """THUDM's own modeling code (trust_remote_code), used through its chat()/stream_chat()."""
+    """ChatGLM-6B v1: THUDM's own modeling code (trust_remote_code), used through its chat()/stream_chat()."""
     check_chatglm_transformers()
     quantized = bool(config.get("quantization_bit")) or "int4" in str(source).lower()
     if quantized and device == "cuda":
@@ -189,7 +211,12 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False):
     device = pick_device(device)
     config = read_config(source) if Path(source).is_dir() else {}
     try:
-        if is_chatglm(name, config):
+        plan = {}
+        if is_chatglm(name, config) and not is_chatglm_v1(name, config):  # ChatGLM2: native, no remote code
+            source, local_only = chatglm2_native(source, local_only, wanted), True
+            plan, note = convert_chatglm2.loading_plan(source, device, dtype)  # fp16/bf16 if it fits, else NF4
+            print(note, file=sys.stderr)
+        if is_chatglm(name, config) and not plan:
             model, tokenizer = load_chatglm(source, local_only, device, dtype, config)
         elif (Path(source) / "adapter_config.json").exists():
             model, tokenizer = load_peft(source, local_only, device, pick_dtype(dtype, device), trust_remote_code)
@@ -198,19 +225,24 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False):
                       "trust_remote_code": trust_remote_code}
             if device == "cuda":
                 kwargs["device_map"] = "auto"  # straight onto the GPU: Colab has less RAM than a 7B model in fp16
+            if dtype == "nf4":
+                kwargs.update(convert_chatglm2.nf4_kwargs(device, kwargs[DTYPE_KW]))
+            kwargs.update(plan)
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only,
                                                       trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            if device != "cuda":
+            if "device_map" not in kwargs:
                 model = model.to(device)
             model.eval()
     except UserError:
         raise
+    except convert_chatglm2.ConversionError as error:
+        raise UserError(str(error)) from None
     except torch.cuda.OutOfMemoryError:
         raise UserError("显存不够：换 int4 模型或更小的模型，或加 --device cpu") from None
     except ImportError as error:
         raise UserError(f"缺少依赖（{first_line(error)}）：pip install -r requirements.txt"
-                        f"（ChatGLM 模型用 requirements-chatglm.txt）") from None
+                        f"（ChatGLM-6B 第一代用 requirements-chatglm.txt）") from None
     except (OSError, ValueError) as error:
         if local_only and not Path(source).is_dir():
             raise offline_error(source, wanted) from None
@@ -931,8 +963,8 @@ def parse_args():
     p = argparse.ArgumentParser(description="Task 0：在终端、网页或 OpenAI 风格的 API 里和本地模型聊天")
     p.add_argument("--model", default=DEFAULT_MODEL, help="模型目录或 🤗 hub id（默认 %(default)s）")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--trust-remote-code", action="store_true", help="允许模型自带的代码（ChatGLM 会自动打开）")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES, "nf4"], help="nf4：bitsandbytes 4-bit")
+    p.add_argument("--trust-remote-code", action="store_true", help="允许模型自带的代码（ChatGLM-6B 第一代会自动打开）")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.8, help="0 表示贪心解码")
     p.add_argument("--top-p", type=float, default=0.8)
@@ -947,6 +979,7 @@ def parse_args():
     p.add_argument("--port", type=int, default=None, help="默认网页 7860，API 8000")
     p.add_argument("--share", action="store_true", help="网页：生成公网链接（Colab 上需要）")
     p.add_argument("--api-key", default=None, help="API：要求 Authorization: Bearer KEY")
+    p.add_argument("--convert", nargs=2, metavar=("SRC", "OUT"), help="把 THUDM 的 ChatGLM2 目录转成原生 glm 目录后退出")
     args, unknown = p.parse_known_args()  # a notebook kernel passes its own arguments: ignore them
     if unknown and "ipykernel" not in sys.modules:
         print(f"提示：忽略不认识的参数 {' '.join(unknown)}（python ChatGLM.py --help 查看全部参数）", file=sys.stderr)
@@ -962,6 +995,12 @@ def main():
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a console that cannot show Chinese gets '?', not a crash
+    if args.convert:
+        try:
+            convert_chatglm2.convert(*args.convert)
+        except convert_chatglm2.ConversionError as error:
+            raise UserError(str(error)) from None
+        return
     port = args.port or (8000 if args.api else 7860)
     if args.web or args.api:
         check_port(args.host, port)

@@ -407,13 +407,14 @@ def test_missing_weights_say_which_dir_to_create(tmp_path, monkeypatch):
 
 
 def test_chatglm_on_new_transformers_explains_the_fix(tmp_path):
-    """In a real process: one sentence naming the transformers range and the requirements file, no traceback."""
-    model_dir = tmp_path / "model" / "chatglm2-6b-int4"
+    """ChatGLM-6B v1 (ChatGLM2 is converted instead, see test_chatglm2_convert.py), in a real process: one
+    sentence naming the transformers range and the requirements file, no traceback."""
+    model_dir = tmp_path / "model" / "chatglm-6b-int4"
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps({
-        "model_type": "chatglm", "quantization_bit": 4,
+        "model_type": "chatglm", "quantization_bit": 4, "position_encoding_2d": True,
         "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
-    result = run_script("--ask", "你好", cwd=tmp_path)
+    result = run_script("--model", "model/chatglm-6b-int4", "--ask", "你好", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("错误：")]
     assert ChatGLM.CHATGLM_RANGE in line and "requirements-chatglm.txt" in line
