@@ -111,13 +111,19 @@ def check_chatglm2(config, src):
         raise ConversionError(f"{src} 的 quantization_bit={config['quantization_bit']}：只认识 0、4 和 8")
 
 
+def glm_dtype(config):
+    """The dtype the native weights are stored in: the source's, and float16 for dequantised int4/int8."""
+    dtype = "float16" if config.get("quantization_bit") else config.get("torch_dtype", "float16")
+    return dtype if dtype in ("float16", "bfloat16", "float32") else "float16"
+
+
 def glm_config(config):
     """transformers' GlmConfig with ChatGLM2's shapes and settings."""
     from transformers import GlmConfig
     heads = config["num_attention_heads"]
     groups = config.get("multi_query_group_num", heads) if config.get("multi_query_attention") else heads
     eos = config.get("eos_token_id", 2)
-    dtype = "float16" if config.get("quantization_bit") else config.get("torch_dtype", "float16")
+    dtype = glm_dtype(config)
     return GlmConfig(
         vocab_size=config["padded_vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["ffn_hidden_size"], num_hidden_layers=config["num_layers"],
@@ -248,8 +254,8 @@ def converted_tensors(checkpoint, config):
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Writing the native directory atomically
 # ---------------------------------------------------------------------------------------------------------------
-def write_weights(checkpoint, config, work, expected):
-    """Streams converted tensors into ~1 GiB safetensors shards; returns the names written."""
+def write_weights(checkpoint, config, work, expected, shard_bytes=SHARD_BYTES):
+    """Streams converted tensors into safetensors shards of about shard_bytes; returns {name: file}."""
     shards, buffer, size, weight_map = [], {}, 0, {}
 
     def flush():
@@ -263,7 +269,7 @@ def write_weights(checkpoint, config, work, expected):
     bar = tqdm(total=len(expected), desc="转换 ChatGLM2 权重", unit="tensor")
     for name, tensor in converted_tensors(checkpoint, config):
         nbytes = tensor.numel() * tensor.element_size()
-        if size and size + nbytes > SHARD_BYTES:
+        if size and size + nbytes > shard_bytes:
             flush()
         buffer[name] = tensor.clone()  # our own contiguous copy: q/k/v are views, and the source map can go
         size += nbytes
@@ -294,7 +300,7 @@ def expected_names(glm):
     return list(model.state_dict())
 
 
-def convert(src, out, quiet=False):
+def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
     """Converts SRC (THUDM's layout) into OUT (native glm). OUT appears only when complete. Returns OUT."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -312,25 +318,36 @@ def convert(src, out, quiet=False):
     glm = glm_config(config)
     expected = expected_names(glm)
     checkpoint = Checkpoint(src)
-    need = estimate_bytes(glm, torch.float16 if glm.dtype == torch.float16 else getattr(torch, str(glm.dtype).split(".")[-1]))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(src, config)  # first: a bad tokenizer.model fails before gigabytes are written
+    need = estimate_bytes(glm, torch.float16 if config.get("quantization_bit") else getattr(torch, glm_dtype(config)))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConversionError(f"无法创建 {out.parent}（{error.strerror}）：换一个输出目录") from None
     free = shutil.disk_usage(out.parent).free
     if free < need * 1.05:
         raise ConversionError(f"{out.parent} 只剩 {free / 2**30:.1f} GB 磁盘空间，转换结果约 {need / 2**30:.1f} GB：请先腾出空间")
     work = out.parent / f".{out.name}.partial-{os.getpid()}"  # a hidden sibling: same file system, so rename is atomic
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    try:
+        work.mkdir()
+    except OSError as error:
+        raise ConversionError(f"无法在 {out.parent} 里写入（{error.strerror}）：用 python ChatGLM.py --convert SRC OUT "
+                              f"把结果写到一个可写的目录，再 --model OUT") from None
     try:
         say(f"把 {src} 转成 transformers 原生格式，写到 {out}（约 {need / 2**30:.1f} GB）…")
-        write_weights(checkpoint, config, work, expected)
+        write_weights(checkpoint, config, work, expected, shard_bytes)
         glm.save_pretrained(work)
         generation_config(config).save_pretrained(work)
-        tokenizer = build_tokenizer(src, config)
         tokenizer.save_pretrained(work)
         (work / FORMAT_NOTE).write_text(json.dumps({
             "converted_from": str(src.resolve()), "by": "convert_chatglm2.py",
             "quantization_bit": config.get("quantization_bit", 0), "seconds": round(time.time() - started, 1)},
             ensure_ascii=False, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in work.iterdir():  # safetensors writes its files owner-only: make them like any other file
+            file.chmod(0o666 & ~umask)
         os.replace(work, out)  # the only moment OUT appears, and it is complete
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -361,9 +378,27 @@ def read_sentencepiece(path):
     return proto
 
 
+def sentencepiece_decoder(proto, invisible):
+    """Decodes as ChatGLM2 does: its special, control and <unk> tokens become nothing (its convert_id_to_token
+    returns ""), the rest as SentencePiece decodes: at the start of the text it drops the dummy prefix's space,
+    or every leading space when the model removes extra whitespace."""
+    from tokenizers import Regex, decoders
+    spec = proto.normalizer_spec
+    steps = [decoders.Replace(Regex("^(?:" + "|".join(re.escape(t) for t in invisible) + ")$"), ""),
+             decoders.Replace("▁", " ")]
+    if proto.trainer_spec.byte_fallback:
+        steps.append(decoders.ByteFallback())
+    steps.append(decoders.Fuse())  # one string, so that Strip only touches the start of the text
+    if spec.remove_extra_whitespaces:
+        steps.append(decoders.Strip(content=" ", left=1 << 30))
+    elif spec.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    return decoders.Sequence(steps)
+
+
 def build_tokenizer(src, config=None):
     """A PreTrainedTokenizerFast that encodes and decodes as ChatGLM2's tokenizer, with its chat template."""
-    from tokenizers import Regex, decoders, processors
+    from tokenizers import processors
     from transformers import AddedToken, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
@@ -377,23 +412,25 @@ def build_tokenizer(src, config=None):
         raise ConversionError(f"{src}/tokenizer.model 是 sentencepiece 的 {proto.trainer_spec.model_type} 型模型，ChatGLM2 用的是 BPE")
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
 
-    # The five special tokens follow the sentencepiece vocabulary: ids n, n+1, ... (n = number of pieces).
+    # sentencepiece's <unk>, <s>, </s> keep their ids; ChatGLM2's five special tokens follow its vocabulary: ids
+    # n, n+1, ... (n = number of pieces). Written literally in a text, all of them are read as that token (as
+    # in every 🤗 tokenizer; the chat template needs it for "[gMASK]sop"); "sop"/"eop" only as whole words.
+    controls = [p.piece for p in proto.pieces if p.type in (2, 3)]
+    backend.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in controls])
     known = {piece for piece, _ in pieces}
     names = [name if name not in known else f"<{name}>" for name in SPECIAL_TOKENS]  # never two ids for one string
     backend.add_special_tokens([AddedToken(name, special=True, normalized=False, single_word=name.isalpha())
                                 for name in names])
     first = len(pieces)
-    assert [backend.token_to_id(name) for name in names] == list(range(first, first + len(names)))
+    if [backend.token_to_id(name) for name in names] != list(range(first, first + len(names))):
+        raise ConversionError(f"{src}/tokenizer.model：无法让 {', '.join(names)} 保持 ChatGLM2 的编号 {first}…{first + 4}")
     gmask, sop = names[1], names[3]
     eos_id = proto.trainer_spec.eos_id if proto.trainer_spec.eos_id >= 0 else 2
     eos_piece = proto.pieces[eos_id].piece
     backend.post_processor = processors.TemplateProcessing(
         single=f"{gmask} {sop} $A", pair=f"{gmask} {sop} $A $B {eos_piece}",
         special_tokens=[(gmask, first + 1), (sop, first + 3), (eos_piece, eos_id)])
-    # ChatGLM2 decodes its special and control tokens (and <unk>) as nothing, so drop them before the usual steps.
-    invisible = names + [p.piece for p in proto.pieces if p.type in (2, 3)]
-    pattern = "^(?:" + "|".join(re.escape(t) for t in invisible) + ")$"
-    backend.decoder = decoders.Sequence([decoders.Replace(Regex(pattern), ""), backend.decoder])
+    backend.decoder = sentencepiece_decoder(proto, invisible=names + [p.piece for p in proto.pieces if p.type in (2, 3)])
 
     unk_id = proto.trainer_spec.unk_id
     tokenizer = PreTrainedTokenizerFast(
