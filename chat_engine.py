@@ -73,7 +73,9 @@ class Options:
 class ChatEngine:
     """One model shared by every front end and every concurrent request."""
 
-    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=8):
+    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=8, around=nullcontext):
+        """batching: "auto" (continuous batching when the model supports it), "paged" or "generate".
+        around: a context every generate() call runs in (Task 8's --compare: the adapter switched off)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context_window = context_window(model, tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -87,7 +89,7 @@ class ChatEngine:
         self.turn_marker = user_turn_marker(self) if self.has_template else "User:"
         use_paged = batching == "paged" or (batching == "auto" and can_page(model))
         self.paged = Paged(self, max_batch) if use_paged else None
-        self.batched = Batched(self, max_batch, pause=self.paged.pause if self.paged else nullcontext)
+        self.batched = Batched(self, max_batch, pause=self.paged.pause if self.paged else nullcontext, around=around or nullcontext)
 
     def render(self, messages):
         """The prompt text the model sees: the tokenizer's chat template when it has one."""
@@ -174,7 +176,7 @@ def user_turn_marker(engine):
 def can_page(model):
     """transformers' continuous batching needs a model that uses its attention interface (paged attention)."""
     return (hasattr(model, "init_continuous_batching") and getattr(model, "_supports_attention_backend", False)
-            and getattr(model, "hf_quantizer", None) is None)
+            and getattr(model, "hf_quantizer", None) is None and not hasattr(model, "peft_config"))
 
 
 def message_text(content):
@@ -272,6 +274,8 @@ class Reply:
     def _visible(self, final):
         """(the part of the reply that may be shown now, whether a stop string or user turn was found)."""
         text = self.engine.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if not final:  # a trailing '\ufffd' is half of a character (byte-level BPE): wait for the rest
+            text = text.rstrip("\ufffd")
         cuts = [text.find(s) for s in self.options.stop if s and s in text]
         match = self.marker.search(text) if self.marker else None
         if match:
@@ -280,8 +284,6 @@ class Reply:
             return text[:min(cuts)].rstrip(), True
         safe = len(text.rstrip())  # trailing whitespace waits: it is dropped if the reply ends there
         if not final:
-            if text.endswith("\ufffd"):  # half of a character (byte-level BPE): wait for the rest
-                safe = min(safe, len(text) - 1)
             holds = [k for s in self.options.stop for k in range(1, len(s)) if text.endswith(s[:k])]
             safe = min(safe, len(text) - max(holds, default=0))
             if self.marker:  # a last line that could still grow into the user-turn marker
@@ -566,6 +568,9 @@ class Chat:
     out: object = None
     history: list = field(default_factory=list)  # every turn; the prompt gets what fits the window
     transcript: list = field(default_factory=list)  # (speaker, text) for the Markdown record
+    label: str = ""  # what is printed before an answer (default: bot_name)
+    record_questions: bool = True  # False for a second model answering the same questions (Task 8's --compare)
+    about: str = ""  # the model line of the transcript (default: the engine's name)
 
     def __post_init__(self):
         self.bot_name = self.bot_name or self.engine.name
@@ -574,23 +579,22 @@ class Chat:
     def messages(self):
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    def ask(self, text, label=None):
+    def ask(self, text):
         """Streams one answer; Ctrl-C ends the answer, not the conversation. Returns the Reply (None if refused)."""
-        label = label or self.bot_name
         self.history.append({"role": "user", "content": text})
-        self.transcript.append((self.user_name, text))
         try:
             reply = self.engine.reply(self.messages(), self.options)
         except PromptError as error:
             self.history.pop()
-            self.transcript.pop()
             self.write(f"（{error}）\n")
             return None
+        if self.record_questions:
+            self.transcript.append((self.user_name, text))
         try:  # Ctrl-C may come at any moment from here on
             if reply.dropped:
                 self.write(f"（上下文已满，最早的 {reply.dropped} 轮对话不再给模型看 "
                            f"the oldest {reply.dropped} turn(s) no longer fit the context window）\n")
-            self.write(f"{label}: ")
+            self.write(f"{self.label or self.bot_name}: ")
             for piece in reply:
                 self.write(piece)
         except KeyboardInterrupt:
@@ -601,7 +605,7 @@ class Chat:
             reply.cancel()
         self.write("\n")
         self.history.append({"role": "assistant", "content": reply.text})
-        self.transcript.append((label, reply.text))
+        self.transcript.append((self.bot_name, reply.text))
         return reply
 
     def write(self, text):
@@ -671,7 +675,7 @@ class Chat:
     def markdown(self, title=None):
         """The record a student hands in."""
         o = self.options
-        lines = [f"# {title or 'Chat with ' + self.engine.name}", "", f"- model: {self.engine.name}",
+        lines = [f"# {title or 'Chat with ' + self.engine.name}", "", f"- model: {self.about or self.engine.name}",
                  f"- time: {datetime.now():%Y-%m-%d %H:%M}",
                  f"- temperature {o.temperature}, top-p {o.top_p}, repetition penalty {o.repetition_penalty}, "
                  f"max new tokens {o.max_new_tokens}, seed {o.seed}"]
