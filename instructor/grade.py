@@ -427,8 +427,8 @@ def clean_outputs(raw, reference):
     def tensor(value, like):
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_meta:
             return None
-        if like.dtype.is_floating_point:
-            return None if value.is_complex() else value.float()
+        if like.dtype.is_floating_point:  # float64 stays float64: the tolerances there are float64's
+            return None if value.is_complex() else value.to(like.dtype)
         return value if value.dtype == like.dtype else None
 
     clean = {}
@@ -436,9 +436,12 @@ def clean_outputs(raw, reference):
     clean["errors"] = {str(k): str(v)[:300] for k, v in errors.items()} if isinstance(errors, dict) else {}
     if not isinstance(raw, dict):
         return clean
+    low = raw.get("low_precision")
+    if isinstance(low, (list, tuple)):  # which modules computed in float32 inside the float64 run (labels only)
+        clean["low_precision"] = [str(v)[:60] for v in low[:200] if isinstance(v, str)]
     for key, ref in reference.items():
         value = raw.get(key)
-        if key == "errors" or value is None:
+        if key in ("errors", "low_precision", "teacher_inputs") or value is None:
             continue
         if isinstance(ref, torch.Tensor):
             value = tensor(value, ref)
@@ -486,10 +489,12 @@ class Grader:
         self.check.sensitive_random_gpt2(seed, **GRADE_CONFIG).save_pretrained(self.weights)
         config = GPT2LMHeadModel.config_class.from_pretrained(self.weights)
         self.inputs = self.check.make_inputs(config, seed=seed)
+        # The reference: transformers' own GPT-2, in this process only. Its outputs are never written to disk; only
+        # what goes into each module on a separate batch (for the teacher-forced module checks) goes to the children.
+        self.reference = self.check.run_checks_on(GPT2LMHeadModel, self.weights, self.inputs, "cpu")
+        self.inputs["teacher"] = self.reference["teacher_inputs"]
         self.inputs_file = self.workdir / "inputs.pt"
         torch.save(self.inputs, self.inputs_file)
-        # The reference: transformers' own GPT-2, in this process only. It is never written to disk.
-        self.reference = self.check.run_checks_on(GPT2LMHeadModel, self.weights, self.inputs, "cpu")
         self.check_names = [r["check"] for r in self.check.compare(self.reference, self.reference, self.inputs)]
 
     def grade(self, sandbox, index, student, path, note, handout, key_answers):
@@ -555,7 +560,25 @@ class Grader:
         if failed:
             first = failed[0]
             result["notes"].append(f"{len(failed)} check(s) fail; first: {first['check']}" + (f" ({first['note']})" if first["note"] else ""))
+            result["notes"] += diagnosis(failed, result["fills"], key_answers)
         return result
+
+
+def diagnosis(failed_rows, fills, key_answers):
+    """For a failing submission: the first module whose output diverges, and the [MASK] fills that differ from the key."""
+    notes = []
+    for row in failed_rows:
+        match = re.search(r"first divergence: ([^;]+)", row["note"])
+        if match:
+            notes.append(f"first diverging module: {match.group(1)}")
+            break
+    differ = [f"#{i + 1} `{fill}` (key `{answer}`)" for i, (fill, answer) in enumerate(zip(fills, key_answers))
+              if canonical(fill) != canonical(answer)]
+    if differ:
+        notes.append("[MASK] fills that differ from the key: " + ", ".join(differ[:6]) + (" ..." if len(differ) > 6 else ""))
+    elif fills:
+        notes.append("every [MASK] fill equals the key: the mistake is outside the masks")
+    return notes
 
 
 def snapshot_tree(directory):

@@ -18,6 +18,14 @@ import grade  # noqa: E402
 import make_handout  # noqa: E402
 
 GRADE_TIMEOUT = 20  # seconds per submission in the test run: the hanging one costs exactly this
+N_ROWS = 15  # checks per submission
+# Hand-written mistakes of tests/test_check.py that the grading run includes (the issue's, and dropout's kin).
+# name -> (the first diverging module the report must name, whether the mistake is inside a [MASK])
+HAND_WRITTEN = {"GELU constant 0.0447": ("block 0 MLP", False), "MLP without its dropout": ("block 0 MLP", False),
+                "attention without resid_dropout": ("block 0 attention", False),
+                "attention probabilities not dropped": ("block 0 attention", False),
+                "embedding dropout before adding positions": ("embeddings", True),
+                "LayerNorm by hand, eps outside the sqrt": ("block 0 ln_2", True)}
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +224,7 @@ def cheats(subs, outside):
 @pytest.fixture(scope="module")
 def graded(made, tmp_path_factory):
     """Grade one class of submissions with the real command line; return (rows by student, report.md, stdout, paths)."""
-    from test_check import MUTANTS  # the checker's own single-point mistakes, applied to the completed file
+    from test_check import CORRECT_REWRITES, MUTANTS, WRONG_VARIANTS, apply  # the checker's own variants
 
     _reference, handout, key = made
     base = tmp_path_factory.mktemp("grading")
@@ -229,6 +237,13 @@ def graded(made, tmp_path_factory):
     (subs / "bob" / "modeling_gpt2.py").write_text("# Bob's GPT-2\n" + filled(made, a=("self.c_attn = Conv1D([MASK]", "3*config.hidden_size")))
     (subs / "carol.py").write_text(correct.replace("self.act = gelu_new", "self.act = gelu_new  # the tanh one"))
     expected_pass = {"alice", "bob", "carol"}
+    assert correct == MODELING.read_text()  # the key filled in is the reference, so the checker's variants apply
+    for i, (name, edits) in enumerate(CORRECT_REWRITES[:5]):  # correct rewrites: no false fail
+        (subs / f"rewrite_{i:02d}.py").write_text(apply(edits))
+        expected_pass.add(f"rewrite_{i:02d}")
+    for name, edits in WRONG_VARIANTS:
+        if name in HAND_WRITTEN:
+            (subs / f"bug_hand_{list(HAND_WRITTEN).index(name):02d}.py").write_text(apply(edits))
     for i, (name, where, fill) in enumerate(WRONG_FILLS):
         (subs / f"bug_fill_{i:02d}.py").write_text(filled(made, a=(where, fill)))
     mutants = [(name, old, new) for name, old, new, _ in MUTANTS if correct.count(old) == 1]
@@ -255,8 +270,9 @@ def test_only_correct_submissions_pass(graded):
     rows, _md, stdout, _subs, _outside, expected_pass = graded
     assert {name for name, row in rows.items() if row["result"] == "PASS"} == expected_pass, stdout[-3000:]
     for name in expected_pass:
-        assert rows[name]["score"] == "1.00" and rows[name]["checks passed"] == "10/10" and rows[name]["notes"] == ""
-        assert rows[name]["fills = key"] == "23/23", rows[name]  # spacing and comments do not change a fill
+        assert rows[name]["score"] == "1.00" and rows[name]["checks passed"] == f"{N_ROWS}/{N_ROWS}" and rows[name]["notes"] == ""
+        if not name.startswith("rewrite_"):  # a rewrite may fill a [MASK] its own way and still be right
+            assert rows[name]["fills = key"] == "23/23", rows[name]  # spacing and comments do not change a fill
 
 
 def test_every_bug_fails_with_a_reason(graded):
@@ -269,6 +285,13 @@ def test_every_bug_fails_with_a_reason(graded):
         assert float(row["score"]) < 1.0
     assert rows["bug_fill_00"]["fills = key"] == "22/23"  # the exact-GELU student got one [MASK] wrong
     assert "first divergence: block 0 MLP" in rows["bug_fill_00"]["notes"]
+    assert "first diverging module: block 0 MLP" in rows["bug_fill_00"]["notes"]
+    assert "[MASK] fills that differ from the key: #10 `F.gelu` (key `gelu_new`)" in rows["bug_fill_00"]["notes"]
+    for i, (module, inside) in enumerate(HAND_WRITTEN.values()):  # the module, and the [MASK]s (if any) to blame
+        notes = rows[f"bug_hand_{i:02d}"]["notes"]
+        assert f"first diverging module: {module}" in notes, notes
+        assert ("[MASK] fills that differ from the key: #" in notes) == inside, notes
+        assert ("every [MASK] fill equals the key" in notes) == (not inside), notes
     assert "still has a [MASK]" in rows["unfilled"]["notes"]
 
 
