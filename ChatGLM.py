@@ -13,33 +13,32 @@
     python ChatGLM.py --convert SRC OUT                 # 把 THUDM 发布的 ChatGLM2 目录转成 transformers 原生格式
 
 终端里的命令：/help /clear /exit /save FILE /set key=value；Ctrl-C 只打断当前回答。
+对话引擎在 chat_engine.py（Task 8 的 ChatGPT2-base.py 也用它）：同时来的请求一起批量生成。
+一个问题的路径 the path of a question: Chat.ask → ChatEngine.reply → Paged.submit / Batched.run → model.generate
 ChatGLM2 第一次使用时自动转换为 transformers 自带的 glm 格式（convert_chatglm2.py），不运行 remote code；
 只有 ChatGLM-6B 第一代还要旧版 transformers：pip install -r requirements-chatglm.txt（单独的环境）。
 """
 import argparse
-import copy
+import asyncio
 import errno
 import json
 import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
-from queue import Empty, Queue
+from typing import Literal, Optional, Union
 
 import torch
 import transformers
 from packaging.version import Version
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
-                          StoppingCriteriaList)
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import convert_chatglm2  # ChatGLM2 in THUDM's layout -> transformers' own glm model
+from chat_engine import (Chat, ChatEngine, ContextTooLong, Options, PromptError, SaveError,  # noqa: F401
+                         first_line, message_text, run_terminal)
 from hub_utils import hub_reachable  # shared by every task script
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,22 +62,8 @@ CHATGLM_RANGE = ">=4.30,<4.42"
 DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEMO_QUESTIONS = ["什么情况下商贩会售卖淹死的鱼？", "两杯50度的巧克力混合起来是多少度？", "如何向盲人推销VR眼镜？"]
-HELP = """命令：
-  /help             显示这段帮助
-  /clear            清空对话历史（保留系统提示）
-  /save FILE        保存对话记录（.json 存消息列表，其他后缀存 Markdown）
-  /set key=value    修改参数：temperature, top_p, max_new_tokens, system（系统提示）
-  /exit             退出（也可以 Ctrl-D）
-  Ctrl-C            打断正在生成的回答，对话继续"""
-
-
 class UserError(Exception):
     """A failure we foresaw: main() prints its one-sentence message instead of a stack trace."""
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,489 +237,39 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False):
     return model, tokenizer, device
 
 
-def context_window(model, tokenizer):
-    """How many tokens the model can see (prompt + reply), from its config."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# 2. The chat engine: messages -> prompt -> streamed reply (shared by the terminal, the page and the API)
+# 2. Terminal: the engine's Chat (history, /commands, Ctrl-C, transcript), plus Task 0's demo
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Settings:
-    max_new_tokens: int = 512
-    temperature: float = 0.8  # 0 means greedy decoding
-    top_p: float = 0.8
-    system: str = ""
-
-
-class PromptError(ValueError):
-    """The conversation cannot be turned into a prompt: a 400 for the API, a one-line note in the terminal."""
-
-
-class ContextTooLong(PromptError):
-    pass
-
-
-class StopOnEvent(StoppingCriteria):
-    """Ends generate() between two tokens once the event is set (Ctrl-C, a stop string, a closed connection)."""
-
-    def __init__(self, event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class TokenStreamer(BaseStreamer):
-    """Gets token ids from generate() (in the generation thread) and queues text pieces for the reader.
-
-    Unlike TextIteratorStreamer it also keeps the ids (for usage counts) and sends every character as soon as it
-    is complete: it decodes all new ids and sends what is new, holding back a trailing '\ufffd' (half of a Chinese
-    character in a byte-level BPE). So the pieces add up to exactly tokenizer.decode(new ids)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
-        self.queue, self.prompt_seen, self.ended = Queue(), False, False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() first hands over the prompt itself
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._send(final=False)
-
-    def _send(self, final):
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
-        if len(text) > self.sent:
-            self.queue.put(text[self.sent:])
-            self.sent = len(text)
-
-    def end(self):
-        if not self.ended:
-            self.ended = True
-            self._send(final=True)
-            self.queue.put(None)
-
-
-def message_text(content):
-    """OpenAI and Gradio 6 may send content as a list of parts: [{"type": "text", "text": "..."}]."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-
-
-class Reply:
-    """One streamed answer. Iterate it for text pieces; afterwards read .text, .finish_reason and the token counts.
-
-    finish_reason: "stop" (end of turn or a stop string), "length" (max_new_tokens), "interrupted" (cancel())."""
-
-    def __init__(self, engine, messages, prompt_ids, max_new_tokens, sampling, stop, extra):
-        self.engine, self.messages, self.prompt_ids = engine, messages, prompt_ids
-        self.max_new_tokens, self.sampling, self.stop, self.extra = max_new_tokens, sampling, stop or [], extra
-        self.text, self.finish_reason, self.completion_tokens = "", None, 0
-        self.prompt_tokens, self.dropped = len(prompt_ids), 0
-        self._natural_finish = "stop"
-        self._cancel = threading.Event()
-        self._gen = None
-
-    def __iter__(self):
-        if self._gen is None:
-            self._gen = self._run()
-        return self._gen
-
-    def cancel(self):
-        self._cancel.set()
-
-    def close(self):
-        """Stop generating and free the model (safe to call at any time, from any thread)."""
-        self._cancel.set()
-        if self._gen is not None:
-            try:
-                self._gen.close()
-            except ValueError:  # being iterated by another thread right now: the cancel event ends it
-                pass
-
-    # Stop strings: hold back the end of the text while it could be the start of a stop string,
-    # so that no part of a stop string is ever sent.
-    def _run(self):
-        pending = ""
-        try:
-            for piece in self._pieces():
-                pending += piece
-                hits = [pending.find(s) for s in self.stop if s in pending]
-                if hits:
-                    pending = pending[:min(hits)]
-                    self.finish_reason = "stop"
-                    self._cancel.set()
-                    break
-                hold = max([k for s in self.stop for k in range(1, len(s)) if pending.endswith(s[:k])], default=0)
-                ready, pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
-                if ready:
-                    self.text += ready
-                    yield ready
-            if pending:
-                self.text += pending
-                yield pending
-            if self.finish_reason is None:
-                self.finish_reason = self._natural_finish
-        except BaseException:  # Ctrl-C, or the reader went away (GeneratorExit)
-            if self.finish_reason is None:
-                self.finish_reason = "interrupted"
-            raise
-        finally:
-            self._cancel.set()
-
-    def _pieces(self):
-        if self.engine.remote_code:
-            yield from self._chatglm_pieces()
-        else:
-            yield from self._generate_pieces()
-
-    def _generate_pieces(self):
-        """model.generate() in a thread, its tokens arriving through TokenStreamer."""
-        engine = self.engine
-        streamer = TokenStreamer(engine.tokenizer)
-        config = copy.deepcopy(engine.model.generation_config)
-        config.max_new_tokens = self.max_new_tokens
-        config.update(**self.sampling, **self.extra)
-        if config.pad_token_id is None:
-            pad = engine.tokenizer.pad_token_id
-            config.pad_token_id = pad if pad is not None else engine.eos_ids[0]
-        input_ids = torch.tensor([self.prompt_ids], device=engine.model.device)
-        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(self._cancel)]))
-        error = []
-
-        def work():
-            try:
-                engine.model.generate(**kwargs)
-            except BaseException as exc:  # re-raised in the reading thread
-                error.append(exc)
-            finally:
-                streamer.end()
-                engine.lock.release()  # released here, so an abandoned reader can never keep the model locked
-
-        engine.lock.acquire()  # one generation at a time: every other request waits here, in order
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while True:
-                try:
-                    piece = streamer.queue.get(timeout=0.1)  # a timeout keeps Ctrl-C responsive everywhere
-                except Empty:
-                    continue
-                if piece is None:
-                    break
-                yield piece
-        finally:
-            cancelled = self._cancel.is_set()
-            self._cancel.set()
-            thread.join()
-            self.completion_tokens = len(streamer.ids)
-            ended_on_eos = bool(streamer.ids) and streamer.ids[-1] in engine.eos_ids
-            if cancelled and not ended_on_eos:
-                self._natural_finish = "interrupted"
-            else:
-                self._natural_finish = "stop" if ended_on_eos or len(streamer.ids) < self.max_new_tokens else "length"
-        if error:
-            raise error[0]
-
-    def _chatglm_pieces(self):
-        """ChatGLM's remote code streams the whole reply so far each time; we send what is new."""
-        engine, history, query = self.engine, [], ""
-        turns = [m for m in self.messages if m["role"] != "system"]
-        system = "".join(m["content"] for m in self.messages if m["role"] == "system")
-        for message in turns:  # ChatGLM keeps history as (question, answer) pairs and has no system role
-            if message["role"] == "user":
-                query = message["content"]
-            else:
-                history.append((query, message["content"]))
-                query = ""
-        if system:
-            if history:
-                history[0] = (f"{system}\n\n{history[0][0]}", history[0][1])
-            else:
-                query = f"{system}\n\n{query}"
-        greedy = self.sampling["do_sample"] is False
-        sent = ""
-        with engine.lock:
-            for response, _ in engine.model.stream_chat(
-                    engine.tokenizer, query, history, max_length=engine.context_window,
-                    max_new_tokens=self.max_new_tokens, do_sample=not greedy,
-                    top_p=1.0 if greedy else self.sampling["top_p"],
-                    temperature=1.0 if greedy else self.sampling["temperature"]):
-                if self._cancel.is_set():
-                    break
-                if response.startswith(sent) and len(response) > len(sent):
-                    yield response[len(sent):]
-                    sent = response
-        self.completion_tokens = len(engine.tokenizer.encode(sent, add_special_tokens=False))
-        if self._cancel.is_set():
-            self._natural_finish = "interrupted"
-        else:
-            self._natural_finish = "length" if self.completion_tokens >= self.max_new_tokens else "stop"
-
-
-class ChatEngine:
-    """One model, one tokenizer, one lock: the terminal, the page and the API all talk through this."""
-
-    def __init__(self, model, tokenizer, name="model"):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.lock = threading.Lock()
-        self.context_window = context_window(model, tokenizer)
-        self.remote_code = hasattr(model, "stream_chat")  # THUDM's ChatGLM models bring their own chat loop
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = [i for i in eos + [tokenizer.eos_token_id] if i is not None] or [0]
-        # Without a chat template we fall back to a plain "User:/Assistant:" transcript, ended by this stop string.
-        self.default_stop = [] if self.has_template or self.remote_code else ["\nUser:"]
-
-    def render(self, messages):
-        """The prompt text the model sees: the tokenizer's own chat template when it has one."""
-        if self.has_template:
-            try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as error:  # the template's own raise_exception(), e.g. "roles must alternate"
-                if len(messages) > 1 and messages[0]["role"] == "system":  # some templates reject a system turn
-                    merged = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])]
-                    return self.render(merged + messages[2:])
-                raise PromptError(f"the chat template rejected these messages: {first_line(error)}") from None
-        lines = [messages[0]["content"] + "\n"] if messages and messages[0]["role"] == "system" else []
-        lines += [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
-                  for m in messages if m["role"] != "system"]
-        return "\n".join(lines) + "\nAssistant:"
-
-    def prompt_ids(self, messages):
-        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
-
-    def fit(self, messages, max_new_tokens, trim=True):
-        """Drops the oldest user/assistant pairs (never the system prompt, never the last question) until
-        prompt + max_new_tokens fits the context window; trim=False only checks that the prompt fits.
-        Returns (messages, prompt ids, max_new_tokens, number of pairs dropped)."""
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        rest = list(messages[len(system):])
-        dropped = 0
-        ids = self.prompt_ids(system + rest)
-        while trim and len(ids) + max_new_tokens > self.context_window and len(rest) > 1:
-            rest = rest[2:]  # one (user, assistant) pair
-            dropped += 1
-            ids = self.prompt_ids(system + rest)
-        if len(ids) >= self.context_window:
-            raise ContextTooLong(f"这段输入有 {len(ids)} 个 token，超过了模型的上下文长度 {self.context_window}")
-        return system + rest, ids, min(max_new_tokens, self.context_window - len(ids)), dropped
-
-    def reply(self, messages, max_new_tokens=512, temperature=0.8, top_p=0.8, stop=None, trim=True, **extra):
-        """Prepares one reply (nothing runs until it is iterated). trim=False (the API) refuses an overlong
-        conversation instead of forgetting its beginning. extra goes to generate() (the benchmark's min_new_tokens)."""
-        messages = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
-        messages, ids, max_new_tokens, dropped = self.fit(messages, max_new_tokens, trim)
-        if temperature > 0 and top_p > 0:
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
-        else:  # greedy; neutral values keep generate() from warning about unused sampling settings
-            sampling = dict(do_sample=False, temperature=1.0, top_p=1.0)
-        reply = Reply(self, messages, ids, max_new_tokens, sampling, list(stop or []) + self.default_stop, extra)
-        reply.dropped = dropped
-        return reply
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 3. Terminal
-# ---------------------------------------------------------------------------------------------------------------
-class TerminalChat:
-    """The conversation in a terminal: history, commands, streaming output and Markdown transcripts."""
-
-    def __init__(self, engine, settings, out=None):
-        self.engine, self.settings = engine, settings
-        self.out = out or sys.stdout
-        self.history = []  # every turn, for /save; the prompt only gets what fits the context window
-
-    def messages(self):
-        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        return system + self.history
-
-    def ask(self, text):
-        """Streams one answer to self.out; Ctrl-C ends the answer but not the conversation."""
-        self.history.append({"role": "user", "content": text})
-        s = self.settings
-        try:
-            reply = self.engine.reply(self.messages(), s.max_new_tokens, s.temperature, s.top_p)
-        except PromptError as error:
-            self.history.pop()
-            self.write(f"（{error}，请缩短后再试）\n")
-            return None
-        try:  # Ctrl-C may come at any moment from here on
-            if reply.dropped:
-                self.write(f"（上下文已满，最早的 {reply.dropped} 轮对话不再给模型看）\n")
-            self.write(f"{self.engine.name}> ")
-            for piece in reply:
-                self.write(piece)
-        except KeyboardInterrupt:
-            reply.cancel()
-            self.write(" [已中断]")
-        except torch.cuda.OutOfMemoryError:
-            self.write(" [显存不够：/clear 清空历史，或 /set max_new_tokens=... 调小再试]")
-        finally:
-            reply.close()
-        self.write("\n")
-        self.history.append({"role": "assistant", "content": reply.text})
-        return reply
-
-    def write(self, text):
-        self.out.write(text)
-        self.out.flush()
-
-    def handle(self, line):
-        """One line of input: a command or a question. Returns False when the user wants to leave."""
-        line = line.strip()
-        if not line:
-            return True
-        if not line.startswith("/"):
-            self.ask(line)
-            return True
-        command, _, argument = line.partition(" ")
-        argument = argument.strip()
-        if command in ("/exit", "/quit"):
-            return False
-        if command == "/help":
-            self.write(HELP + "\n")
-        elif command == "/clear":
-            self.history.clear()
-            self.write("（对话已清空）\n")
-        elif command == "/save":
-            if not argument:
-                self.write("用法：/save FILE（例如 /save chat.md）\n")
-            else:
-                try:
-                    self.write(f"（已保存到 {self.save(argument)}）\n")
-                except UserError as error:
-                    self.write(f"{error}\n")
-        elif command == "/set":
-            self.write(self.set(argument) + "\n")
-        else:
-            self.write(f"不认识的命令 {command}，输入 /help 查看命令\n")
-        return True
-
-    def set(self, assignment):
-        key, sep, value = assignment.partition("=")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if not sep or not key:
-            return "用法：/set key=value，例如 /set temperature=0.5；当前：" + json.dumps(asdict(self.settings), ensure_ascii=False)
-        try:
-            if key == "system":
-                self.settings.system = value
-            elif key == "temperature" and float(value) >= 0:
-                self.settings.temperature = float(value)
-            elif key == "top_p" and 0 < float(value) <= 1:
-                self.settings.top_p = float(value)
-            elif key == "max_new_tokens" and int(value) >= 1:
-                self.settings.max_new_tokens = int(value)
-            else:
-                raise ValueError
-        except ValueError:
-            return (f"无法设置 {key}={value}：可设 temperature（≥0）、top_p（0~1]、max_new_tokens（≥1 的整数）、system")
-        return f"（{key} = {value}）"
-
-    def save(self, filename, title=None):
-        """.json: the message list; anything else: the Markdown transcript."""
-        path = Path(filename)
-        text = (json.dumps(self.messages(), ensure_ascii=False, indent=2) if path.suffix == ".json"
-                else self.transcript(title))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        except OSError as error:
-            raise UserError(f"无法写入 {path}（{error.strerror or error}）：换一个文件名或目录") from None
-        return path
-
-    def transcript(self, title=None):
-        """A Markdown record a student can hand in."""
-        s = self.settings
-        lines = [f"# {title or '与 ' + self.engine.name + ' 的对话'}", "",
-                 f"- 模型：`{self.engine.name}`", f"- 时间：{datetime.now():%Y-%m-%d %H:%M}",
-                 f"- 参数：temperature={s.temperature}, top_p={s.top_p}, max_new_tokens={s.max_new_tokens}"]
-        if s.system:
-            lines.append(f"- 系统提示：{s.system}")
-        number = 0
-        for message in self.history:
-            if message["role"] == "user":
-                number += 1
-                lines += ["", f"## 问题 {number}", "", f"**用户**：{message['content']}"]
-            else:
-                lines += ["", f"**{self.engine.name}**：", "", message["content"]]
-        return "\n".join(lines) + "\n"
-
-
 def run_demo(chat, path):
-    """The handout's three questions, each in a fresh conversation, written to a Markdown transcript."""
-    turns = []
+    """The handout's three questions, each in a fresh conversation, written to one Markdown transcript."""
     for question in DEMO_QUESTIONS:
         chat.history.clear()
-        chat.write(f"用户> {question}\n")
+        chat.write(f"{chat.user_name}: {question}\n")
         chat.ask(question)
-        turns += chat.history
-    chat.history = turns
     chat.write(f"（对话记录已写入 {chat.save(path, 'Task 0：和大模型聊天')}）\n")
 
 
-def run_terminal(chat, args):
+def terminal(chat, args):
     if args.demo:
-        run_demo(chat, args.save or "ChatGLM_demo.md")
-        return
-    if args.ask:  # non-interactive: ask, answer, leave
-        for question in args.ask:
-            chat.write(f"用户> {question}\n")
-            if not chat.handle(question):
-                break
-    elif sys.stdin.isatty() or "ipykernel" in sys.modules:  # a person is typing (a notebook gives a text box)
-        try:
-            import readline  # noqa: F401  (arrow keys and line editing where available)
-        except ImportError:
-            pass
+        return run_demo(chat, args.save or "ChatGLM_demo.md")
+    if not args.ask and sys.stdin.isatty():
         chat.write(f"和 {chat.engine.name} 聊天吧。输入 /help 查看命令，/exit 退出，Ctrl-C 打断回答。\n")
-        while True:
-            try:
-                line = input("\n用户> ")
-            except (EOFError, KeyboardInterrupt):
-                chat.write("\n再见！\n")
-                break
-            if not chat.handle(line):
-                break
-    else:  # stdin is a pipe or a file: each line is one user turn, never a prompt that waits
-        lines = 0
-        for line in sys.stdin:
-            lines += 1
-            if line.strip():
-                chat.write(f"用户> {line.strip()}\n")
-            if not chat.handle(line):
-                break
-        if not lines:
-            print("提示：stdin 不是终端，也没有输入，所以没有对话：请在终端里运行，或用 --ask TEXT / --demo",
-                  file=sys.stderr)
+    if not run_terminal(chat, args.ask) and not args.ask and not sys.stdin.isatty():
+        print("提示：stdin 不是终端，也没有输入，所以没有对话：请在终端里运行，或用 --ask TEXT / --demo", file=sys.stderr)
     if args.save:
         chat.write(f"（对话记录已写入 {chat.save(args.save)}）\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Web page (Gradio)
+# 3. Web page (Gradio): every open page is one more concurrent request to the engine
 # ---------------------------------------------------------------------------------------------------------------
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
                     {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 
 
-def build_web_app(engine, settings):
+def build_web_app(engine, options, system=""):
     import inspect
+    from dataclasses import replace
 
     import gradio as gr
 
@@ -754,19 +289,18 @@ def build_web_app(engine, settings):
         messages = [{"role": m["role"], "content": message_text(m["content"])} for m in history]
         if system.strip():
             messages.insert(0, {"role": "system", "content": system.strip()})
+        asked = replace(options, temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens))
         try:
-            reply = engine.reply(messages, int(max_new_tokens), float(temperature), float(top_p))
+            reply = engine.reply(messages, asked)
         except PromptError as error:
             yield history + [{"role": "assistant", "content": f"（{error}）"}]
             return
-        text = ""
         try:
-            for piece in reply:
-                text += piece
-                yield history + [{"role": "assistant", "content": text}]
+            for _ in reply:
+                yield history + [{"role": "assistant", "content": reply.text}]
         finally:  # the page was closed or the user pressed stop: end the generation too
-            reply.close()
-        yield history + [{"role": "assistant", "content": text}]
+            reply.cancel()
+        yield history + [{"role": "assistant", "content": reply.text}]
 
     with gr.Blocks(title=f"Chat · {engine.name}") as demo:
         gr.Markdown(f"## 💬 和 {engine.name} 聊天\n支持 Markdown 和 LaTeX（`$x^2$`、`$$\\int$$`）。")
@@ -776,90 +310,187 @@ def build_web_app(engine, settings):
             send = gr.Button("发送", elem_id="send", variant="primary", scale=1)
             clear = gr.Button("清空", elem_id="clear", scale=1)
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=settings.temperature, step=0.05, label="temperature（0 = 贪心）")
-            top_p = gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="top_p")
+            temperature = gr.Slider(0, 2, value=options.temperature, step=0.05, label="temperature（0 = 贪心）")
+            top_p = gr.Slider(0.05, 1, value=options.top_p, step=0.05, label="top_p")
             max_new_tokens = gr.Slider(1, max(1, min(4096, engine.context_window - 1)), step=1,
-                                       value=min(settings.max_new_tokens, engine.context_window - 1),
+                                       value=min(options.max_new_tokens, engine.context_window - 1),
                                        label="max_new_tokens")
-        system = gr.Textbox(value=settings.system, label="系统提示（可选）")
+        system = gr.Textbox(value=system, label="系统提示（可选）")
         inputs = [chatbot, system, temperature, top_p, max_new_tokens]
         for event in (message.submit, send.click):
+            # Gradio runs one event at a time unless told otherwise: several pages share the engine's batches.
             event(add_user_turn, [message, chatbot], [message, chatbot], queue=False).then(
-                stream_answer, inputs, chatbot)
+                stream_answer, inputs, chatbot, concurrency_limit=MAX_CONCURRENT)
         clear.click(lambda: [], None, chatbot, queue=False)
     return demo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. OpenAI-compatible API (FastAPI)
+# 4. OpenAI-compatible API (FastAPI + pydantic): every request field is honoured or refused with a 400
 # ---------------------------------------------------------------------------------------------------------------
+MAX_CONCURRENT = 16  # requests served at once (the engine batches them); more wait
+MAX_N = 8
+REFUSED = {  # fields of OpenAI's request that this server cannot honour, and why (anything else unknown: 400 too)
+    "tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no tool calling",
+    "function_call": "no tool calling", "parallel_tool_calls": "no tool calling", "audio": "text only",
+    "modalities": "text only", "prediction": "no predicted outputs", "reasoning_effort": "not a reasoning model",
+    "web_search_options": "no web search", "verbosity": "no verbosity control", "store": "nothing is stored",
+    "metadata": "nothing is stored", "service_tier": "one service tier", "user": "no per-user tracking",
+    "safety_identifier": "no per-user tracking", "prompt_cache_key": "no prompt cache",
+}
+
+
+def api_models():
+    """The request as pydantic models (built on first use: pydantic comes with FastAPI)."""
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields and wrong types: a 400
+
+    class TextPart(Strict):
+        type: Literal["text"]
+        text: str
+
+    class Message(Strict):
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Optional[Union[str, list[TextPart]]] = None
+
+    class StreamOptions(Strict):
+        include_usage: bool = False
+
+    class ResponseFormat(Strict):
+        type: Literal["text"]  # json_object / json_schema are refused: nothing constrains the output
+
+    class ChatRequest(Strict):
+        model: str  # one model is served; any name gets it, and the answer names it
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: Optional[int] = Field(None, ge=1)
+        max_completion_tokens: Optional[int] = Field(None, ge=1)
+        temperature: Optional[float] = Field(None, ge=0, le=2)
+        top_p: Optional[float] = Field(None, ge=0, le=1)
+        n: Optional[int] = Field(None, ge=1, le=MAX_N)
+        stop: Optional[Union[str, list[str]]] = None
+        seed: Optional[int] = None
+        presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+        frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+        logit_bias: Optional[dict[str, float]] = None
+        logprobs: Optional[bool] = None
+        top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+        stream: Optional[bool] = None
+        stream_options: Optional[StreamOptions] = None
+        response_format: Optional[ResponseFormat] = None
+
+        @field_validator("stop")
+        @classmethod
+        def up_to_four(cls, stop):
+            stop = [stop] if isinstance(stop, str) else stop
+            if stop is not None and (len(stop) > 4 or not all(stop)):
+                raise ValueError("'stop' must be a string or a list of up to 4 non-empty strings")
+            return stop
+
+    return ChatRequest
+
+
 class BadRequest(ValueError):
-    def __init__(self, message, param=None):
+    def __init__(self, message, param=None, code=None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def parse_chat_request(raw, options, engine):
+    """The JSON body -> (Options, messages, n, stream, include_usage), or a BadRequest naming the field."""
+    from dataclasses import replace
+
+    from pydantic import ValidationError
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if isinstance(body, dict):
+        for key in body:
+            if key in REFUSED and body[key] is not None:
+                raise BadRequest(f"'{key}' is not supported by this server ({REFUSED[key]})", key, "unsupported_parameter")
+    try:
+        request = api_models().model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = field_path(first["loc"])
+        what = "is not a field of a chat completion request" if first["type"] == "extra_forbidden" else first["msg"]
+        raise BadRequest(f"{param or 'body'}: {what}", param or None) from None
+    top = request.top_logprobs or 0
+    if top and not request.logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    bias = []
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= len(engine.tokenizer) or not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias: {key!r} must be a token id below {len(engine.tokenizer)}, its bias "
+                             f"between -100 and 100", "logit_bias")
+        bias.append((int(key), value))
+    asked = replace(options, stop=tuple(request.stop or ()), seed=request.seed, logprobs=bool(request.logprobs),
+                    top_logprobs=top, logit_bias=tuple(bias), presence_penalty=request.presence_penalty or 0.0,
+                    frequency_penalty=request.frequency_penalty or 0.0)
+    for key in ("temperature", "top_p"):
+        if getattr(request, key) is not None:
+            asked = replace(asked, **{key: getattr(request, key)})
+    new_tokens = request.max_completion_tokens or request.max_tokens
+    if new_tokens:
+        asked = replace(asked, max_new_tokens=new_tokens)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
+                for m in request.messages]
+    for i, m in enumerate(request.messages):
+        if m.content is None and m.role != "assistant":
+            raise BadRequest(f"messages[{i}].content is required", f"messages[{i}].content")
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return asked, messages, request.n or 1, bool(request.stream), include_usage
 
 
-def parse_chat_request(body, settings):
-    """Checks a /v1/chat/completions body like OpenAI does; returns the arguments for ChatEngine.reply()."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{i}] must be an object", f"messages[{i}]")
-        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise BadRequest(f"messages[{i}].role must be 'system', 'user' or 'assistant', got {role!r}",
-                             f"messages[{i}].role")
-        content = message.get("content")
-        ok_parts = isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
-                                                     for p in content)
-        if not (isinstance(content, str) or ok_parts or (content is None and role == "assistant")):
-            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
-                             f"messages[{i}].content")
-        clean.append({"role": role, "content": message_text(content)})
-    args = {"messages": clean, "max_new_tokens": settings.max_new_tokens,
-            "temperature": settings.temperature, "top_p": settings.top_p, "stop": []}
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
-        value = body.get(key)
-        if value is not None:
-            if not is_number(value) or not low <= value <= high:
-                raise BadRequest(f"'{key}' must be a number between {low} and {high}", key)
-            args[key] = float(value)
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is not None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BadRequest(f"'{key}' must be a positive integer", key)
-            args["max_new_tokens"] = value
-    if body.get("n") not in (None, 1):
-        raise BadRequest("only n=1 is supported", "n")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        args["stop"] = stop
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", "stream_options")
-    return args, bool(body.get("stream")), bool(options.get("include_usage"))
+def field_path(loc):
+    """pydantic's error location -> OpenAI's param: ("messages", 0, "role") -> "messages[0].role"."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
+            path += ("." if path else "") + part
+        else:  # a union branch ("list[TextPart]"): the field itself is the param
+            break
+    return path
 
 
-def build_api_app(engine, settings, model_id, api_key=None):
+def logprobs_json(entries):
+    token = lambda text, value: {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+    return {"content": [dict(token(e["token"], e["logprob"]), top_logprobs=[token(t, v) for t, v in e["top"]])
+                        for e in entries]}
+
+
+async def stream_pieces(replies):
+    """(choice index, text piece | None at its end | an exception) from all replies, as they arrive.
+    Each reply is read in its own thread, so that none waits for another."""
+    import threading
+    loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+
+    def read(index, reply):
+        try:
+            for piece in reply:
+                loop.call_soon_threadsafe(inbox.put_nowait, (index, piece))
+            loop.call_soon_threadsafe(inbox.put_nowait, (index, None))
+        except Exception as failure:
+            loop.call_soon_threadsafe(inbox.put_nowait, (index, failure))
+
+    for index, reply in enumerate(replies):
+        threading.Thread(target=read, args=(index, reply), daemon=True).start()
+    for _ in range(len(replies)):
+        while True:
+            index, item = await inbox.get()
+            yield index, item
+            if item is None or isinstance(item, Exception):
+                break
+
+
+def build_api_app(engine, options, model_id, api_key=None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
     app = FastAPI(title=f"OpenAI-compatible API · {model_id}")
     created = int(time.time())
@@ -877,63 +508,67 @@ def build_api_app(engine, settings, model_id, api_key=None):
     async def list_models(request: Request):
         if denied := unauthorized(request):
             return denied
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "local"}]}
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "local"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         if denied := unauthorized(request):
             return denied
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not valid JSON")
-        try:
-            args, stream, include_usage = parse_chat_request(body, settings)
-            reply = engine.reply(**args, trim=False)  # an API client sends the whole conversation it wants
+            asked, messages, n, stream, include_usage = parse_chat_request(await request.body(), options, engine)
+            seeds = [asked.seed if asked.seed is None else asked.seed + i for i in range(n)]  # n different samples
+            # trim=False: an API client sends the whole conversation it wants, so nothing is left out silently
+            replies = [engine.reply(messages, asked, trim=False, seed=seed) for seed in seeds]
         except BadRequest as bad:
-            return error(400, str(bad), bad.param)
+            return error(400, str(bad), bad.param, bad.code)
         except PromptError as bad:
-            code = "context_length_exceeded" if isinstance(bad, ContextTooLong) else None
-            return error(400, str(bad), "messages", code)
+            return error(400, str(bad), "messages", "context_length_exceeded" if isinstance(bad, ContextTooLong) else None)
         ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def usage():
-            return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                    "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        usage = lambda: {"prompt_tokens": replies[0].prompt_tokens,
+                         "completion_tokens": sum(r.completion_tokens for r in replies),
+                         "total_tokens": replies[0].prompt_tokens + sum(r.completion_tokens for r in replies)}
+        logprobs = lambda entries: logprobs_json(entries) if asked.logprobs else None
 
         if not stream:
             try:
-                text = await run_in_threadpool(lambda: "".join(reply))  # waits its turn for the model
-            except Exception as failure:
-                return error(500, f"generation failed: {first_line(failure)}", kind="server_error")
+                async for _, item in stream_pieces(replies):
+                    if isinstance(item, Exception):
+                        return error(500, f"generation failed: {first_line(item)}", kind="server_error")
             finally:
-                reply.close()
+                for reply in replies:
+                    reply.cancel()
             return {"id": ident, "object": "chat.completion", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": reply.finish_reason, "logprobs": None}],
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                                 "finish_reason": r.finish_reason, "logprobs": logprobs(r.logprobs)}
+                                for i, r in enumerate(replies)],
                     "usage": usage()}
 
-        def chunk(delta, finish_reason=None, **more):
+        def chunk(choices, **more):
             data = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-            data.update(more)
+                    "choices": choices, **more}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         async def events():  # Server-Sent Events, as OpenAI streams them
+            sent = [0] * n  # logprob entries already sent, per choice
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece in iterate_in_threadpool(reply):
-                    yield chunk({"content": piece})
-                yield chunk({}, reply.finish_reason)
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(n)])
+                async for i, item in stream_pieces(replies):
+                    if isinstance(item, Exception):
+                        raise item
+                    entries, sent[i] = replies[i].logprobs[sent[i]:], len(replies[i].logprobs)
+                    delta = {"content": item} if item is not None else {}
+                    yield chunk([{"index": i, "delta": delta, "logprobs": logprobs(entries),
+                                  "finish_reason": None if item is not None else replies[i].finish_reason}])
                 if include_usage:
-                    yield chunk({}, choices=[], usage=usage())  # OpenAI's usage chunk has no choices
+                    yield chunk([], usage=usage())  # OpenAI's usage chunk has no choices
                 yield "data: [DONE]\n\n"
             except Exception as failure:
                 payload = {"error": {"message": f"generation failed: {first_line(failure)}", "type": "server_error"}}
                 yield f"data: {json.dumps(payload)}\n\n"
-            finally:  # also runs when the client goes away mid-answer
-                reply.close()
+            finally:  # also runs when the client goes away mid-answer: its generation stops
+                for reply in replies:
+                    reply.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -941,7 +576,7 @@ def build_api_app(engine, settings, model_id, api_key=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. main
+# 5. main
 # ---------------------------------------------------------------------------------------------------------------
 def check_port(host, port):
     """Fails before the model is loaded (minutes) when the server could not listen on host:port."""
@@ -979,6 +614,8 @@ def parse_args():
     p.add_argument("--port", type=int, default=None, help="默认网页 7860，API 8000")
     p.add_argument("--share", action="store_true", help="网页：生成公网链接（Colab 上需要）")
     p.add_argument("--api-key", default=None, help="API：要求 Authorization: Bearer KEY")
+    p.add_argument("--batching", default="auto", choices=["auto", "paged", "generate"],
+                   help="并发请求怎样一起算：auto = 模型支持时用连续批处理（continuous batching），否则批量 generate")
     p.add_argument("--convert", nargs=2, metavar=("SRC", "OUT"), help="把 THUDM 的 ChatGLM2 目录转成原生 glm 目录后退出")
     args, unknown = p.parse_known_args()  # a notebook kernel passes its own arguments: ignore them
     if unknown and "ipykernel" not in sys.modules:
@@ -1004,29 +641,37 @@ def main():
     port = args.port or (8000 if args.api else 7860)
     if args.web or args.api:
         check_port(args.host, port)
-    settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.system)
+    options = Options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     print(f"正在加载 {args.model} …", file=sys.stderr)
     model, tokenizer, device = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     name = Path(args.model.rstrip("/")).name
-    engine = ChatEngine(model, tokenizer, name)
-    print(f"已加载 {name}（{device}，上下文 {engine.context_window} tokens）", file=sys.stderr)
+    engine = ChatEngine(model, tokenizer, name, batching=args.batching)
+    how = "连续批处理 continuous batching" if engine.paged else "批量 generate"
+    print(f"已加载 {name}（{device}，上下文 {engine.context_window} tokens，并发请求：{how}）", file=sys.stderr)
+    try:
+        front_end(engine, options, args, name, port)
+    finally:
+        engine.close()
+
+
+def front_end(engine, options, args, name, port):
     if args.web:
         if "COLAB_RELEASE_TAG" in os.environ and not args.share:
             print("提示：在 Colab 上请加 --share，才能在浏览器里打开网页。", file=sys.stderr)
-        build_web_app(engine, settings).queue().launch(server_name=args.host, server_port=port, share=args.share)
+        build_web_app(engine, options, args.system).queue().launch(server_name=args.host, server_port=port, share=args.share)
     elif args.api:
         import uvicorn
         print(f"OpenAI 兼容接口：http://{args.host}:{port}/v1  （model = {name!r}）", file=sys.stderr)
-        uvicorn.run(build_api_app(engine, settings, name, args.api_key), host=args.host, port=port)
+        uvicorn.run(build_api_app(engine, options, name, args.api_key), host=args.host, port=port)
     else:
-        run_terminal(TerminalChat(engine, settings), args)
+        terminal(Chat(engine, options, system=args.system, user_name="用户"), args)
 
 
 if __name__ == "__main__":
     try:
         main()
         sys.stdout.flush()
-    except UserError as failure:
+    except (UserError, SaveError) as failure:
         print(f"错误：{failure}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C while loading the model or outside a reply

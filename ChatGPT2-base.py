@@ -133,8 +133,12 @@ def options(args):
 
 def generate_reply(model, tokenizer, messages, args, user_prefix=None):
     """One reply of `model` to `messages` with the script's settings: (text, whether old turns were left out)."""
-    reply = ChatEngine(model, tokenizer, batching="generate").reply(messages, options(args))
-    "".join(reply)
+    engine = ChatEngine(model, tokenizer, batching="generate")
+    try:
+        reply = engine.reply(messages, options(args))
+        "".join(reply)
+    finally:
+        engine.close()
     return reply.text, reply.dropped > 0
 
 
@@ -159,7 +163,7 @@ def main(argv=None):
     user, bot = speaker_names(tokenizer)
     common = dict(system=args.system or "", user_name=user, about=what)
     tuned = ChatEngine(model, tokenizer, bot, batching="generate")
-    chat = Chat(tuned, options(args), bot_name=bot, **common)
+    chat, engines = Chat(tuned, options(args), bot_name=bot, **common), [tuned]
     if args.compare:  # the base model: a second one, or the same weights with the adapter switched off
         off = base is None
         plain = ChatEngine(model if off else base, tokenizer, bot, batching="generate",
@@ -167,11 +171,16 @@ def main(argv=None):
         first = Chat(plain, options(args), bot_name=f"{bot} (base GPT-2)", label=f"[base GPT-2] {bot}", **common)
         chat = SideBySide(tuned, options(args), bot_name=f"{bot} (fine-tuned)", label=f"[fine-tuned] {bot}",
                           transcript=first.transcript, record_questions=False, base=first, **common)
+        engines.append(plain)
     interactive = not args.ask and sys.stdin is not None and sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {what}. /help lists the commands.")
-    if not run_terminal(chat, args.ask) and not interactive:
-        print("No user turns came from stdin: pass --ask TEXT, or run in a terminal to chat.")
+    try:
+        if not run_terminal(chat, args.ask) and not interactive:
+            print("No user turns came from stdin: pass --ask TEXT, or run in a terminal to chat.")
+    finally:
+        for engine in engines:
+            engine.close()
     if args.save:
         print(f"(transcript saved to {chat.save(args.save, 'ChatGPT2-base transcript')})", flush=True)
     return 0

@@ -18,6 +18,7 @@ The path of one typed question (four calls, all on this page):
 
 A Reply is an iterator of text pieces; the backends push token ids into it from their own thread.
 """
+import atexit
 import copy
 import json
 import queue
@@ -42,6 +43,10 @@ class ContextTooLong(PromptError):
     pass
 
 
+class SaveError(OSError):
+    """A transcript that cannot be written: said in one sentence, and the chat goes on."""
+
+
 @dataclass
 class Options:
     """How to answer one request. Every field is honoured by both backends (see Reply and the backends)."""
@@ -56,6 +61,8 @@ class Options:
     logprobs: bool = False
     top_logprobs: int = 0
     min_new_tokens: int = 0
+    logit_bias: tuple = ()  # (token id, bias) pairs, OpenAI's logit_bias
+
 
     @property
     def greedy(self):
@@ -64,7 +71,7 @@ class Options:
     def needs_generate(self):
         """What transformers' continuous batching cannot do per request yet: these run through generate()."""
         return (self.seed is not None or self.logprobs or self.repetition_penalty != 1.0 or self.min_new_tokens > 0
-                or self.presence_penalty != 0 or self.frequency_penalty != 0)
+                or self.presence_penalty != 0 or self.frequency_penalty != 0 or bool(self.logit_bias))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,9 +94,13 @@ class ChatEngine:
         # The stop rule, the same for every model: an end-of-turn token, or the model starting the next user turn
         # by itself (a line beginning "Human:" for Task 8's template, "User:" for the plain prompt).
         self.turn_marker = user_turn_marker(self) if self.has_template else "User:"
+        self.remote_code = hasattr(model, "stream_chat")  # ChatGLM-6B v1's own chat loop (legacy environment)
         use_paged = batching == "paged" or (batching == "auto" and can_page(model))
-        self.paged = Paged(self, max_batch) if use_paged else None
-        self.batched = Batched(self, max_batch, pause=self.paged.pause if self.paged else nullcontext, around=around or nullcontext)
+        self.paged = Paged(self, max_batch) if use_paged and not self.remote_code else None
+        self.batched = (StreamChat(self) if self.remote_code else
+                        Batched(self, max_batch, pause=self.paged.pause if self.paged else nullcontext,
+                                around=around or nullcontext))
+        atexit.register(self.close)  # a process that ends while a backend computes would abort in C++
 
     def render(self, messages):
         """The prompt text the model sees: the tokenizer's chat template when it has one."""
@@ -132,14 +143,16 @@ class ChatEngine:
         options = replace(options or Options(), **changes)
         messages = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
         messages, ids, max_new_tokens, dropped = self.fit(messages, options.max_new_tokens, trim)
-        reply = Reply(self, ids, replace(options, max_new_tokens=max_new_tokens), dropped)
+        reply = Reply(self, ids, replace(options, max_new_tokens=max_new_tokens), dropped, messages)
         backend = self.paged if self.paged is not None and not options.needs_generate() else self.batched
         backend.submit(reply)
         return reply
 
     def close(self):
+        """Ends every reply and stops the backends' threads (a process must not exit while they compute)."""
         if self.paged is not None:
             self.paged.close()
+        self.batched.close()
 
 
 def context_window(model, tokenizer):
@@ -203,8 +216,10 @@ class Reply:
     The pieces add up to exactly `text`: the decoded reply without its leading and trailing whitespace, cut
     before the first stop string or the start of a new user turn. Text that may still become one is held back."""
 
-    def __init__(self, engine, prompt_ids, options, dropped):
+    def __init__(self, engine, prompt_ids, options, dropped, messages=()):
         self.engine, self.prompt_ids, self.options, self.dropped = engine, prompt_ids, options, dropped
+        self.messages = messages  # what fit(): for a backend that wants messages, not ids (StreamChat)
+        self.decoded = None  # set instead of ids by a backend that produces text (StreamChat)
         self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
         self.text, self.finish_reason, self.logprobs = "", None, []
         self.ids, self.events, self.cancelled = [], queue.Queue(), threading.Event()
@@ -217,6 +232,10 @@ class Reply:
     def push(self, token_ids, logprobs=()):
         self.events.put(("tokens", list(token_ids), list(logprobs)))
 
+    def push_text(self, text, token_count):
+        """For a backend that only has text: the whole reply so far and its length in tokens."""
+        self.events.put(("text", text, token_count))
+
     def finish(self, error=None):
         self.events.put(("end", error, None))
 
@@ -224,6 +243,9 @@ class Reply:
     def cancel(self):
         """Stop generating (Ctrl-C, a closed page, a client that hung up); safe from any thread, at any time."""
         self.cancelled.set()
+        if self.finish_reason is None:
+            self.finish_reason = "interrupted"
+            self.completion_tokens = len(self.ids)
         if self.cancel_hook is not None:
             self.cancel_hook()
 
@@ -245,8 +267,11 @@ class Reply:
                 if kind == "end":
                     error = value
                     break
-                self.ids += value
-                self.logprobs += logprobs
+                if kind == "text":
+                    self.decoded, count = value, logprobs
+                else:
+                    self.ids += value
+                    self.logprobs += logprobs
                 visible, stopped = self._visible(final=False)
                 if stopped:
                     self.finish_reason = "stop"
@@ -267,13 +292,14 @@ class Reply:
             self.finish_reason = self.finish_reason or "interrupted"
             raise
         finally:
-            self.completion_tokens = len(self.ids)
+            self.completion_tokens = len(self.ids) if self.decoded is None else count
         if self.finish_reason is None:
             self._set_finish_reason()
 
     def _visible(self, final):
         """(the part of the reply that may be shown now, whether a stop string or user turn was found)."""
-        text = self.engine.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        text = self.decoded if self.decoded is not None else self.engine.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = text.lstrip()
         if not final:  # a trailing '\ufffd' is half of a character (byte-level BPE): wait for the rest
             text = text.rstrip("\ufffd")
         cuts = [text.find(s) for s in self.options.stop if s and s in text]
@@ -325,9 +351,11 @@ class Paged:
             sizes = dict(num_blocks=max_batch * max(1, min(engine.context_window, 2048) // 256), max_batch_tokens=1024)
         cb_config = ContinuousBatchingConfig(per_request_processors=True, **sizes)
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
-        self.manager.start()
         self.replies, self.lock = {}, threading.Lock()
-        threading.Thread(target=self._route, daemon=True, name="paged-router").start()
+        # Started from a daemon thread, the library's loop thread is a daemon too: it never keeps a script alive.
+        started = threading.Event()
+        threading.Thread(target=self._route, args=(started,), daemon=True, name="paged-router").start()
+        started.wait()
 
     def submit(self, reply):
         o = reply.options
@@ -353,8 +381,10 @@ class Paged:
         """Holds the loop still while Batched uses the model (its cache and running requests are kept)."""
         return self.manager.pause()
 
-    def _route(self):
-        """The library's results, delivered to their replies."""
+    def _route(self, started):
+        """Starts the library's loop, then delivers its results to their replies."""
+        self.manager.start()
+        started.set()
         while True:
             output = self.manager.get_result(timeout=0.2)
             if output is None:
@@ -384,7 +414,12 @@ class Paged:
             reply.finish(error)
 
     def close(self):
-        self.manager.stop(block=True, timeout=10)
+        with self.lock:
+            replies = [reply for reply, _ in self.replies.values()]
+        for reply in replies:
+            reply.cancel()
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,12 +432,19 @@ class Batched:
 
     def __init__(self, engine, max_batch, pause=nullcontext, around=nullcontext):
         self.engine, self.max_batch, self.pause, self.around = engine, max_batch, pause, around
-        self.inbox, self.waiting = queue.Queue(), []
-        self.busy = threading.Lock()  # held while generate() runs (tests use it to see that the model is free)
-        threading.Thread(target=self._loop, daemon=True, name="batched-generate").start()
+        self.inbox, self.waiting, self.running = queue.Queue(), [], []
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="batched-generate")
+        self.thread.start()
 
     def submit(self, reply):
         self.inbox.put(reply)
+
+    def close(self):
+        if self.thread.is_alive():
+            for reply in self.running + self.waiting:
+                reply.cancel()
+            self.inbox.put(None)
+            self.thread.join(timeout=30)
 
     def _loop(self):
         while True:
@@ -410,6 +452,8 @@ class Batched:
                 self.waiting.append(self.inbox.get())
             while not self.inbox.empty():
                 self.waiting.append(self.inbox.get_nowait())
+            if None in self.waiting:  # close()
+                return
             key = batch_key(self.waiting[0])
             batch = [r for r in self.waiting if batch_key(r) == key][:self.max_batch]
             self.waiting = [r for r in self.waiting if r not in batch]
@@ -418,12 +462,14 @@ class Batched:
                 batch.remove(reply)
             if not batch:
                 continue
+            self.running = batch
             try:
-                with self.busy, self.pause(), self.around(), paged_attention_off(self.engine.model):
+                with self.pause(), self.around(), paged_attention_off(self.engine.model):
                     self.run(batch)
                 error = None
             except Exception as failure:  # reaches every reader of this batch as the exception
                 error = failure
+            self.running = []
             for reply in batch:
                 reply.finish(error)
 
@@ -442,6 +488,8 @@ class Batched:
         processors = []
         if o.presence_penalty or o.frequency_penalty:
             processors.append(OpenAIPenalties(o.presence_penalty, o.frequency_penalty, width))
+        if o.logit_bias:
+            processors.append(LogitBias(o.logit_bias))
         recorder = LogprobRecorder() if o.logprobs else None
         if recorder:
             processors.append(recorder)  # last: it sees the scores the token is drawn from
@@ -531,6 +579,18 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: a fixed number added to chosen tokens' logits (-100 bans a token, 100 forces it)."""
+
+    def __init__(self, pairs):
+        self.ids, self.bias = [int(i) for i, _ in pairs], [float(b) for _, b in pairs]
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.ids] += torch.tensor(self.bias, dtype=scores.dtype, device=scores.device)
+        return scores
+
+
 class LogprobRecorder(LogitsProcessor):
     """Keeps the log-probabilities of the step's final scores (after temperature, top_p and penalties; for greedy
     decoding the model's own) so that the streamer can report the chosen token's and the top alternatives'."""
@@ -543,6 +603,51 @@ class LogprobRecorder(LogitsProcessor):
 
 def finite(value):
     return max(float(value), -9999.0)  # OpenAI's floor for impossible tokens; JSON has no -inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend 3: THUDM's remote code (ChatGLM-6B v1, in the legacy environment), one request at a time
+# ---------------------------------------------------------------------------------------------------------------
+class StreamChat:
+    """model.stream_chat(tokenizer, query, history) yields the whole reply so far: it brings its own prompt
+    format ("[Round N]\n问：…\n答：") and keeps history as (question, answer) pairs, with no system role."""
+
+    def __init__(self, engine):
+        self.engine, self.lock = engine, threading.Lock()
+
+    def close(self):
+        pass
+
+    def submit(self, reply):
+        threading.Thread(target=self.run, args=(reply,), daemon=True).start()
+
+    def run(self, reply):
+        engine, o, history, query = self.engine, reply.options, [], ""
+        system = "".join(m["content"] for m in reply.messages if m["role"] == "system")
+        for message in (m for m in reply.messages if m["role"] != "system"):
+            if message["role"] == "user":
+                query = message["content"]
+            else:
+                history.append((query, message["content"]))
+                query = ""
+        if system:  # no system role: it goes before the first question
+            if history:
+                history[0] = (f"{system}\n\n{history[0][0]}", history[0][1])
+            else:
+                query = f"{system}\n\n{query}"
+        sampling = dict(do_sample=False, top_p=1.0, temperature=1.0) if o.greedy else dict(
+            do_sample=True, top_p=o.top_p, temperature=o.temperature)
+        error = None
+        try:
+            with self.lock:
+                for text, _ in engine.model.stream_chat(engine.tokenizer, query, history, max_length=engine.context_window,
+                                                        max_new_tokens=o.max_new_tokens, **sampling):
+                    if reply.cancelled.is_set():
+                        break
+                    reply.push_text(text, len(engine.tokenizer.encode(text, add_special_tokens=False)))
+        except Exception as failure:
+            error = failure
+        reply.finish(error)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -630,7 +735,10 @@ class Chat:
             self.history.clear()
             self.write("（对话已清空 history cleared）\n")
         elif command == "/save":
-            self.write(f"（已保存到 saved to {self.save(argument)}）\n" if argument else "用法 usage：/save FILE\n")
+            try:
+                self.write(f"（已保存到 saved to {self.save(argument)}）\n" if argument else "用法 usage：/save FILE\n")
+            except SaveError as error:
+                self.write(f"{error}\n")
         elif command == "/set":
             self.write(self.set(argument) + "\n")
         else:
@@ -669,7 +777,7 @@ class Chat:
             partial.write_text(text, encoding="utf-8")
             partial.replace(path)
         except OSError as error:
-            return f"无法写入 cannot write {path}（{error.strerror or error}）：换一个文件名或目录"
+            raise SaveError(f"无法写入 cannot write {path}（{error.strerror or error}）：换一个文件名或目录") from None
         return path
 
     def markdown(self, title=None):

@@ -1,7 +1,8 @@
 """Task 0 (ChatGLM.py --api): the OpenAI-compatible server, driven by the official `openai` client.
 
 The server runs in a background thread on a free 127.0.0.1 port, over the tiny random chat model of
-test_chatglm.py. Answers are checked against plain greedy model.generate on the same conversation.
+test_chatglm.py. Answers are checked against plain greedy model.generate on the same conversation, and every
+request field is either honoured (checked against the engine or the model) or refused with a 400 naming it.
 """
 import json
 import socket
@@ -11,8 +12,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
+import chat_engine
 import ChatGLM
 from test_chatglm import STRICT_TEMPLATE, engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
@@ -28,7 +31,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(engine):  # noqa: F811
-    settings = ChatGLM.Settings(max_new_tokens=12, temperature=0, top_p=1.0)
+    settings = ChatGLM.Options(max_new_tokens=12, temperature=0, top_p=1.0)
     app = ChatGLM.build_api_app(engine, settings, "tiny-chat", api_key=KEY)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -118,7 +121,17 @@ def test_stop_strings(client, engine):  # noqa: F811
     ({"model": "m", "messages": HELLO, "temperature": 5}, "temperature"),
     ({"model": "m", "messages": HELLO, "top_p": "high"}, "top_p"),
     ({"model": "m", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "messages": HELLO, "n": 2}, "n"),
+    ({"model": "m", "messages": HELLO, "n": 99}, "n"),
+    ({"model": "m", "messages": HELLO, "seed": "x"}, "seed"),
+    ({"model": "m", "messages": HELLO, "top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"model": "m", "messages": HELLO, "logit_bias": {"abc": 5}}, "logit_bias"),
+    ({"model": "m", "messages": HELLO, "presence_penalty": 3}, "presence_penalty"),
+    ({"model": "m", "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"model": "m", "messages": HELLO, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"model": "m", "messages": HELLO, "user": "someone"}, "user"),
+    ({"model": "m", "messages": HELLO, "no_such_field": 1}, "no_such_field"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "x"}]}, "messages[0].name"),
+    ({"model": "m", "messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
     ({"model": "m", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "今天天气很好 " * 300}]}, "messages"),
 ])
@@ -161,22 +174,18 @@ def test_api_key_is_required(server):
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_concurrent_requests_are_queued_not_dropped(client, engine, monkeypatch):  # noqa: F811
+def test_concurrent_requests_are_batched_and_each_gets_its_answer(client, engine, monkeypatch):  # noqa: F811
     questions = ["你好", "hello world", "今天天气很好", "我们一起学习", "the quick brown fox", "你好 世界"]
     results, errors = {}, []
-    active, most = [0], [0]
-    generate = engine.model.generate
+    most, submit = [0], chat_engine.Paged.submit
 
-    def counting_generate(*args, **kwargs):  # one model serves everyone: never two generations at once
-        active[0] += 1
-        most[0] = max(most[0], active[0])
-        try:
-            time.sleep(0.05)
-            return generate(*args, **kwargs)
-        finally:
-            active[0] -= 1
+    def counting_submit(self, reply):  # how many requests the scheduler holds at once
+        submit(self, reply)
+        most[0] = max(most[0], len(self.replies))
 
-    monkeypatch.setattr(engine.model, "generate", counting_generate)
+    monkeypatch.setattr(chat_engine.Paged, "submit", counting_submit)
+    push = chat_engine.Reply.push  # tokens come at a small real model's pace, so that requests overlap
+    monkeypatch.setattr(chat_engine.Reply, "push", lambda self, *a: (time.sleep(0.01), push(self, *a))[1])
 
     def ask(i, question):
         try:
@@ -196,29 +205,65 @@ def test_concurrent_requests_are_queued_not_dropped(client, engine, monkeypatch)
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert not errors and most[0] == 1
+    assert not errors and most[0] > 1, "the requests should have run together"
     for i, question in enumerate(questions):
         assert results[i] == reference(engine, [{"role": "user", "content": question}], 16)[0]
 
 
 def test_a_client_that_hangs_up_stops_its_generation(server, client, engine, monkeypatch):  # noqa: F811
     expected = reference(engine, HELLO, 4)[0]
-    generated, generate = [], engine.model.generate
-
-    def counting_generate(*args, **kwargs):  # how many new tokens each generation made
-        out = generate(*args, **kwargs)
-        generated.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
-    monkeypatch.setattr(engine.model, "generate", counting_generate)
-    config = engine.model.generation_config
-    monkeypatch.setattr(config, "min_new_tokens", 240)  # without the hang-up it would make all 240 tokens
+    replies, make = [], engine.reply
+    monkeypatch.setattr(engine, "reply", lambda *a, **k: replies.append(make(*a, **k)) or replies[-1])
+    push = chat_engine.Reply.push  # paced, so that 240 tokens take seconds
+    monkeypatch.setattr(chat_engine.Reply, "push", lambda self, *a: (time.sleep(0.02), push(self, *a))[1])
     body = {"model": "m", "messages": HELLO, "stream": True, "max_tokens": 240, "temperature": 0}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
         events = (line for line in response.iter_lines() if line.startswith("data: "))
         next(events), next(events)  # the role, then the first piece: generation has started; now hang up
-        monkeypatch.setattr(config, "min_new_tokens", None)
+    deadline = time.time() + 10
+    while not replies[0].cancelled.is_set() and time.time() < deadline:
+        time.sleep(0.05)
+    assert replies[0].cancelled.is_set() and replies[0].finish_reason == "interrupted"
+    assert not engine.paged.replies, "the scheduler must drop the request of a client that left"
     result = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, temperature=0)
     assert result.choices[0].message.content == expected
-    assert len(generated) == 2 and generated[0] < 240, generated  # the next request waited for the first to end
+
+
+def test_n_seed_and_sampling(client, engine):  # noqa: F811
+    two = client.chat.completions.create(model="m", messages=HELLO, max_tokens=8, temperature=0, n=2)
+    greedy = reference(engine, HELLO, 8)[0]
+    assert [c.index for c in two.choices] == [0, 1] and all(c.message.content == greedy for c in two.choices)
+    sample = lambda seed, n=1: client.chat.completions.create(model="m", messages=HELLO, max_tokens=16, n=n,
+                                                              temperature=1.5, top_p=1.0, seed=seed)
+    first, again, other = sample(5), sample(5), sample(6)
+    assert first.choices[0].message.content == again.choices[0].message.content  # the seed is honoured
+    assert first.choices[0].message.content != other.choices[0].message.content
+    expected = "".join(engine.reply(HELLO, max_new_tokens=16, temperature=1.5, top_p=1.0, seed=5))
+    assert first.choices[0].message.content == expected
+    pair = sample(5, n=2)  # n samples with a seed: choice i uses seed + i, so they differ, reproducibly
+    assert pair.choices[0].message.content == expected != pair.choices[1].message.content
+    assert pair.usage.completion_tokens > first.usage.completion_tokens
+
+
+def test_penalties_logit_bias_and_logprobs(client, engine):  # noqa: F811
+    text, new_ids, prompt_ids = reference(engine, HELLO, 10)
+    asked = dict(presence_penalty=1.5, frequency_penalty=2.0)
+    result = client.chat.completions.create(model="m", messages=HELLO, max_tokens=10, temperature=0, **asked)
+    assert result.choices[0].message.content == "".join(engine.reply(HELLO, max_new_tokens=10, temperature=0, **asked))
+    banned = client.chat.completions.create(model="m", messages=HELLO, max_tokens=10, temperature=0,
+                                            logit_bias={str(new_ids[0]): -100})
+    assert banned.choices[0].message.content != text  # the greedy first token can no longer be chosen
+    result = client.chat.completions.create(model="m", messages=HELLO, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = result.choices[0].logprobs.content
+    assert result.choices[0].message.content == text and len(content) == len(new_ids)
+    with torch.no_grad():
+        logp = engine.model(torch.tensor([prompt_ids + new_ids])).logits[0].log_softmax(-1)
+    for k, (token_id, entry) in enumerate(zip(new_ids, content)):
+        assert entry.logprob == pytest.approx(logp[len(prompt_ids) + k - 1, token_id].item(), abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=10, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [e.logprob for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import chat_engine
 import ChatGLM
 from test_chatglm import engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
@@ -21,7 +22,7 @@ def squash(text):
 
 @pytest.fixture(scope="module")
 def page_url(engine):  # noqa: F811
-    settings = ChatGLM.Settings(max_new_tokens=24, temperature=0, top_p=1.0)
+    settings = ChatGLM.Options(max_new_tokens=24, temperature=0, top_p=1.0)
     demo = ChatGLM.build_web_app(engine, settings)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -44,8 +45,8 @@ def browser():
 def test_chat_page_streams_the_answer(browser, page_url, engine, monkeypatch):  # noqa: F811
     # A real model takes tens of milliseconds per token; the tiny one is so quick that the browser may get the
     # whole answer in one update. Pace its tokens like a small real model so that streaming can be seen.
-    put = ChatGLM.TokenStreamer.put
-    monkeypatch.setattr(ChatGLM.TokenStreamer, "put", lambda self, value: (time.sleep(0.02), put(self, value)))
+    push = chat_engine.Reply.push
+    monkeypatch.setattr(chat_engine.Reply, "push", lambda self, *a: (time.sleep(0.02), push(self, *a))[1])
     page = browser.new_page()
     page.goto(page_url)
     page.locator("#message textarea").wait_for(timeout=30000)
