@@ -175,12 +175,11 @@ def user_turn_marker(engine):
         text = engine.tokenizer.apply_chat_template(probe, tokenize=False)
     except Exception:
         return None
-    between = text[text.find("PROBE-A") + len("PROBE-A"):text.find("PROBE-Q2")]
-    specials = [t for t in engine.tokenizer.all_special_tokens if t]
-    for eos in (engine.tokenizer.eos_token or "",):
-        if eos and between.lstrip().startswith(eos):
-            between = between.lstrip()[len(eos):]
-    if any(t in between for t in specials):
+    between = text[text.find("PROBE-A") + len("PROBE-A"):text.find("PROBE-Q2")].lstrip()
+    eos = engine.tokenizer.eos_token or ""
+    if eos and between.startswith(eos):  # "<|endoftext|>\nHuman: ": the answer's end, then the next question
+        between = between[len(eos):]
+    if any(token and token in between for token in engine.tokenizer.all_special_tokens):
         return None
     marker = between.strip().split("\n")[-1].strip()
     return marker or None

