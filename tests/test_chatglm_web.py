@@ -92,3 +92,10 @@ def test_chat_page_streams_the_answer(browser, page_url, engine, monkeypatch):  
     page.locator("#clear").click()
     page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')", timeout=10000)
     page.close()
+
+
+def test_several_pages_are_answered_at_once(engine):  # noqa: F811
+    """Gradio runs one event of a kind at a time unless told otherwise; the answers must share the engine's batches."""
+    demo = ChatGLM.build_web_app(engine, ChatGLM.Options())
+    limits = [f.concurrency_limit for f in demo.fns.values() if f.name == "stream_answer"]
+    assert len(limits) == 2 and all(limit == ChatGLM.MAX_CONCURRENT > 1 for limit in limits)
