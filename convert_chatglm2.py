@@ -310,6 +310,11 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
         raise ConversionError(f"{src} 里没有 config.json：这不是 ChatGLM2 的发布目录")
     config = read_json(src / "config.json")
     check_chatglm2(config, src)
+    names = [config.get("_name_or_path", "")]
+    if (src / "tokenizer_config.json").exists():
+        names.append(read_json(src / "tokenizer_config.json").get("name_or_path", ""))
+    if any("chatglm3" in str(name).lower() for name in names):  # same weights layout, another prompt format
+        raise ConversionError(f"{src} 是 ChatGLM3：它的对话格式（<|user|> 等特殊 token）和 ChatGLM2 不同，这个转换器只支持 ChatGLM2")
     if out.exists():
         raise ConversionError(f"{out} 已经存在：换一个输出目录，或先删掉它")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:

@@ -331,6 +331,8 @@ def test_other_directories_get_one_sentence(tmp_path):
     assert "P-Tuning" in refusal(half, tmp_path / "out")
     (half / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "kv_channels"}))
     assert "kv_channels" in refusal(half, tmp_path / "out")
+    (half / "config.json").write_text(json.dumps(dict(config, _name_or_path="THUDM/chatglm3-6b")))
+    assert "ChatGLM3" in refusal(half, tmp_path / "out")
     (half / "config.json").write_text(json.dumps(config))
     (half / "tokenizer.model").write_bytes(b"not a sentencepiece model")  # e.g. GLM-4's tiktoken file
     assert "sentencepiece" in refusal(half, tmp_path / "out")
@@ -414,6 +416,25 @@ def test_loading_plan_says_the_memory_and_falls_back_to_4bit(tmp_path, monkeypat
     assert isinstance(real, GlmConfig)
     assert 6.2e9 < sum(cg.parameter_counts(real)) < 6.3e9
     assert 3.5 < cg.estimate_bytes(real, torch.bfloat16, four_bit=True) / 2**30 < 4.2
+
+
+def test_nf4_on_cpu_quantizes_the_decoder_linear_layers(tmp_path):
+    """--dtype nf4 (and the automatic choice when memory is short): bitsandbytes 4-bit for q/k/v/o and the MLP,
+    the embeddings and the head stay in bf16; the logits still follow the unquantised model's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+    make_chatglm2(tmp_path / "src", heads=4, groups=2, head_dim=16, hidden=64, ffn=128, bits=4)  # bnb's CPU blocks: 64
+    out = cg.convert(tmp_path / "src", tmp_path / "out", quiet=True)
+    kwargs, note = cg.loading_plan(out, "cpu", "nf4")
+    quantized = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+    assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(quantized.lm_head).__name__ == "Linear" and quantized.lm_head.weight.dtype == torch.bfloat16
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 200, 33, 7, 8]])
+    with torch.no_grad():
+        a, b = quantized(ids).logits.float().flatten(), reference(ids).logits.flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.8
+    assert quantized.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 @needs_fixtures
