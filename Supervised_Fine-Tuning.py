@@ -102,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--attn-dropout", type=float, default=0.0,
+                   help="dropout on the frozen base's attention weights (GPT-2's own is 0.1). Default 0: on a CPU any "
+                        "attention dropout forces PyTorch's slow unfused attention (about 8x slower at 1024 tokens)")
     # bookkeeping
     p.add_argument("--eval-size", type=int, default=100, help="conversations held out for eval loss (at most 1/5 of the data; 0 = none)")
     p.add_argument("--eval-steps", type=int, default=0, help="also evaluate every N steps (0 = only before and after training)")
@@ -400,8 +403,12 @@ def split_conversations(conversations, eval_size, seed):
 
 
 class PadToLongest:
-    """Collate a batch by padding to its longest example (the sampler groups similar lengths, so little is
-    padded). Padding is never learned (-100) and never attended to (mask 0); real EOS labels stay."""
+    """Collate a batch by padding at the END to its longest example (the sampler groups similar lengths, so
+    little is padded). Padding is never learned (-100); real EOS labels stay.
+
+    No attention mask: with padding only at the end, causal attention already keeps every real token from
+    seeing it (a token sees only the tokens before it), so the losses are exactly those with a mask. Without
+    a mask, PyTorch's attention runs its fused kernel (on a CPU it accepts no mask), and no mask is built."""
 
     def __init__(self, pad_id, multiple_of=None):
         self.pad_id, self.multiple_of = pad_id, multiple_of
@@ -411,13 +418,68 @@ class PadToLongest:
         n = max(len(f["input_ids"]) for f in features)
         if self.multiple_of:  # tensor cores like multiples of 8
             n = -(-n // self.multiple_of) * self.multiple_of
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        batch = {"input_ids": [], "labels": []}
         for f in features:
             pad = n - len(f["input_ids"])
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3b. The loss, computed only where something is learned.
+#
+#    A model's own loss multiplies EVERY position's hidden state by the 50,257-row output matrix, although
+#    only assistant tokens have labels: at batch 4 x 1024 that is 4x1024x50257 floats (823 MB in fp32) plus
+#    their gradient. Here the model returns its last hidden states (its lm_head is swapped for a pass-through
+#    while training), and the head + cross-entropy run only on the labelled positions, a slice at a time.
+#    tests/test_sft.py checks the loss and the LoRA gradients against the model's own full-logits loss.
+# ---------------------------------------------------------------------------------------------------------
+
+LOSS_SLICE = 1024  # labelled positions per slice of logits: 1024 x 50257 floats (206 MB) at a time
+
+
+def head_loss_sum(hidden, weight, targets):
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), for a frozen weight, slice by slice.
+
+    Each slice's gradient with respect to `hidden`, (softmax - one_hot) @ weight, is computed right away, so
+    no vocabulary-sized tensor is kept for the backward pass. The returned number has the loss as its value
+    and that gradient as its gradient (the usual `x - x.detach()` trick: zero in value, x's gradient)."""
+    import torch
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden)
+    with torch.no_grad():
+        w = weight.to(hidden.dtype)
+        for s in range(0, hidden.size(0), LOSS_SLICE):
+            h, t = hidden[s:s + LOSS_SLICE], targets[s:s + LOSS_SLICE]
+            logits = (h @ w.t()).float()  # the softmax over 50k entries in fp32, as the model's loss does
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(t), device=t.device), t] -= 1  # d(loss)/d(logits) = softmax - one_hot
+            grad[s:s + LOSS_SLICE] = (probs.to(w.dtype) @ w).to(grad.dtype)
+    surrogate = (hidden.float() * grad.float()).sum()
+    return total + (surrogate - surrogate.detach())
+
+
+def assistant_loss(head_weight):
+    """Trainer's compute_loss_func: mean cross-entropy over the labelled (assistant + EOS) tokens."""
+    import torch.nn.functional as F
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        hidden = outputs["logits"]  # the last hidden states (lm_head is a pass-through while training)
+        targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].to(hidden.device)  # position t predicts token t+1
+        learned = targets != IGNORE
+        h, t = hidden[learned], targets[learned]
+        if head_weight.requires_grad:  # a trained head (not the case with LoRA): the plain computation
+            total = F.cross_entropy(F.linear(h, head_weight.to(h.dtype)).float(), t, reduction="sum")
+        else:
+            total = head_loss_sum(h, head_weight, t)
+        # Under gradient accumulation Trainer passes the number of labelled tokens of the whole accumulated
+        # batch, so the loss is one mean over all of them (like the model's own loss).
+        count = num_items_in_batch if num_items_in_batch is not None else max(t.numel(), 1)
+        return total / count
+    return loss_func
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,10 +537,30 @@ def pick_quant(choice, cuda):
     return "4bit" if choice == "auto" else choice
 
 
-def load_base_model(path, reference, quant, compute_dtype):
-    import torch
+# Peak resident memory of a CPU run, measured with bench/bench_sft.py at GPT-2 124M's shape (see the README):
+# a fixed part (libraries, weights, optimizer, data) plus activations per token of the batch.
+MEMORY_FIXED_GB = 1.5
+ACTIVATION_MB_PER_TOKEN = {("bf16", False): 1.0, ("fp32", False): 2.0, ("bf16", True): 0.2, ("fp32", True): 0.4}
+
+
+def check_memory(batch_size, max_length, bf16, checkpointing):
+    """Before a CPU run starts: say in one sentence when its batch cannot fit in the memory that is free."""
+    import psutil
+    per_token = ACTIVATION_MB_PER_TOKEN[("bf16" if bf16 else "fp32", bool(checkpointing))]
+    need = MEMORY_FIXED_GB + batch_size * max_length * per_token / 1024
+    free = psutil.virtual_memory().available / 2**30
+    if need > free:
+        hint = "" if checkpointing else " or pass --gradient-checkpointing"
+        fail(f"batch {batch_size} x {max_length} tokens needs about {need:.1f} GB of memory and {free:.1f} GB "
+             f"are free: use a smaller --batch-size (and a larger --grad-accum){hint}.")
+    log(f"Memory: about {need:.1f} GB needed at batch {batch_size} x {max_length} tokens, {free:.1f} GB free.")
+
+
+def load_base_model(path, reference, quant, compute_dtype, base_dtype, attn_dropout):
+    """The frozen base: 4/8-bit on a GPU, else in `base_dtype` (bf16 when training in bf16: LoRA trains
+    only its adapters, so the base needs no fp32 master copy that autocast would re-cast at every step)."""
     from transformers import BitsAndBytesConfig
-    kwargs = {}
+    kwargs = {"attn_pdrop": attn_dropout}  # a config override
     if quant == "4bit":
         # NF4 weights + double quantization (quantize the scales too), matrix products in bf16/fp16.
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -490,11 +572,24 @@ def load_base_model(path, reference, quant, compute_dtype):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     cls = model_class(reference)
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32 if not quant else None, **kwargs)
+        model = cls.from_pretrained(path, dtype=None if quant else base_dtype, **kwargs)
     except (OSError, ValueError) as e:
         fail(f"could not load a GPT-2 from {path} ({type(e).__name__}: {str(e).splitlines()[0]}).")
     model.config.use_cache = False  # the KV cache is for generation; training does not need it
+    use_fused_gelu(model)
     return model
+
+
+def use_fused_gelu(model):
+    """GPT-2's tanh-GELU as PyTorch's one fused kernel, GELU(approximate="tanh"): the same formula as
+    gelu_new (equal up to float rounding), but one pass over the MLP's widest tensor instead of seven, and
+    only its input kept for the backward pass. (Only for training here: the saved adapter is unaffected.)"""
+    import torch
+    if getattr(model.config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        return
+    for module in model.modules():
+        if type(module).__name__ == "GPT2MLP":
+            module.act = torch.nn.GELU(approximate="tanh")  # no parameters: the state dict is unchanged
 
 
 def add_lora(model, args, quant, gradient_checkpointing):
@@ -674,8 +769,18 @@ def main(argv=None, extra_callbacks=()):
         f"gradient checkpointing: {'on' if checkpointing else 'off'}; model: "
         f"{'transformers GPT2LMHeadModel' if args.reference else 'gpt2/modeling_gpt2.py'} from {model_path}")
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    model = load_base_model(model_path, args.reference, quant, compute_dtype)
+    # bf16 without quantization: the base itself is bf16 and no autocast runs (measured faster on a CPU than
+    # an fp32 base under autocast). fp16 keeps an fp32 base under autocast (fp16 layer norms would overflow).
+    pure_bf16 = precision == "bf16" and not quant
+    if not cuda:
+        check_memory(args.batch_size, args.max_length, pure_bf16, checkpointing)
+    model = load_base_model(model_path, args.reference, quant, compute_dtype,
+                            torch.bfloat16 if pure_bf16 else torch.float32, args.attn_dropout)
     model = add_lora(model, args, quant, checkpointing)
+    # While training, the model returns hidden states and assistant_loss applies the head only where needed.
+    base = model.get_base_model()
+    lm_head, head_weight = base.lm_head, base.lm_head.weight
+    base.lm_head = torch.nn.Identity()
 
     train_ds = Dataset.from_list(train_examples)
     eval_ds = Dataset.from_list(eval_examples) if eval_examples else None
@@ -695,13 +800,14 @@ def main(argv=None, extra_callbacks=()):
         length_column_name="length",
         remove_unused_columns=False,  # our collator reads input_ids/labels and ignores "length"
         label_names=["labels"],
-        bf16=precision == "bf16",  # autocast; on the CPU too
+        bf16=precision == "bf16" and not pure_bf16,  # autocast (4-bit base with bf16 compute)
         fp16=precision == "fp16",
         use_cpu=not cuda,
         logging_steps=args.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if (args.eval_steps and eval_ds is not None) else "no",
         eval_steps=args.eval_steps or None,
+        prediction_loss_only=True,  # evaluation needs the loss only (the "logits" here are hidden states)
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
@@ -714,6 +820,7 @@ def main(argv=None, extra_callbacks=()):
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=PadToLongest(tokenizer.pad_token_id, 8 if cuda else None),
+                      compute_loss_func=assistant_loss(head_weight),
                       callbacks=list(extra_callbacks))
 
     metrics = {"kept": len(conversations), "skipped": dict(skipped), "train_examples": len(train_examples),
@@ -748,6 +855,7 @@ def main(argv=None, extra_callbacks=()):
         log(f"After training: eval loss {after:.4f}, perplexity {perplexity(after):.2f}")
     metrics["global_step"] = trainer.state.global_step
     metrics["interrupted"] = interrupted
+    base.lm_head = lm_head  # the whole model again (for anyone who uses it after training)
 
     if trainer.is_world_process_zero():
         def write(tmp):

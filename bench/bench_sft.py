@@ -1,176 +1,250 @@
-"""Benchmark for Task 8: SFT training throughput of Supervised_Fine-Tuning.py against the handout's original recipe.
+"""Benchmark for Task 8: SFT training throughput and peak memory of Supervised_Fine-Tuning.py against the
+handout's original recipe, on real ShareGPT conversations.
 
-Both train the same LoRA (r=16 on c_attn/c_proj/c_fc) on a GPT-2 of the 124M shape (random weights) with
-transformers' Trainer, on the same conversations, same batch size:
+Both train the same LoRA (r=16, alpha 32, dropout 0.05 on c_attn/c_proj/c_fc) on the same GPT-2 of the 124M
+shape (random weights, loaded from one saved directory), on the same conversations, batch 4, with transformers'
+Trainer, one batch per optimizer step:
 
-  original : every conversation rendered as text, truncated and padded to 512 tokens,
-             DataCollatorForLanguageModeling (labels = inputs, pad = EOS masked), random batches
-  this     : Supervised_Fine-Tuning.py's examples (assistant-only labels, windows <= 1024 tokens),
-             length-grouped batches padded only to the longest in the batch
+  original : the handout's recipe: every conversation rendered as text, truncated and padded to 512 tokens,
+             DataCollatorForLanguageModeling (labels = inputs), random batches, the model as loaded (fp32,
+             GPT-2's dropouts), bf16 = Trainer's autocast
+  this     : Supervised_Fine-Tuning.py's own main() with --max-steps: assistant-only labels, windows of up
+             to 1024 tokens, length-grouped batches, its loss on labelled positions only, bf16 = a bf16 base
 
-Throughput = real (non-pad, attention_mask == 1) tokens per wall-clock second of training steps, after one
-warm-up step, in fp32 and with bf16 autocast. Prints the four numbers and the ratios.
+Each run is a subprocess of its own (so its peak resident memory, VmHWM, is its own), run one after the
+other, alternating recipes. Throughput = real (non-pad) tokens per second of training steps, after one
+warm-up step. "CPU default" is the script with no precision option (bf16 where the CPU has it).
 
-Data: data/sharegpt_gpt4.json when present; otherwise conversations assembled from the team's sample
-(data/samples/sharegpt_sample.json) with 1-12 exchanges each, so lengths spread from a few dozen to several
-hundred tokens. Tokenizer: model/gpt2-base's when present; otherwise a byte-level BPE trained on the sample
-(the model keeps GPT-2's 50257-row vocabulary, so the compute has GPT-2's shape).
+Data: ../shared/data/sharegpt_dev_2000.json (real ShareGPT, OpenChat layout) or --data. Tokenizer:
+model/gpt2-base's when present, else GPT-2's real BPE in ../shared/gpt2-tokenizer.
 
-Run:  python bench/bench_sft.py [--steps-original 2 --steps-this 4 --batch-size 4 --precisions fp32 bf16]
+Run:  flock /work/flags/bench.lock python bench/bench_sft.py [--conversations 200 --steps 3 --rounds 1]
 """
 import argparse
-import copy
-import importlib.util
 import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2TokenizerFast, Trainer,  # noqa: E402
-                          TrainerCallback, TrainingArguments)
-
-spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "Supervised_Fine-Tuning.py"))
-sft = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sft)
-
-SAMPLE = os.path.join(ROOT, "data", "samples", "sharegpt_sample.json")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+DEFAULT_DATA = os.path.join(SHARED, "data", "sharegpt_dev_2000.json")
 
 
-def get_tokenizer():
-    path = os.path.join(ROOT, "model", "gpt2-base")
-    if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "vocab.json")):
-        return GPT2TokenizerFast.from_pretrained(path), "GPT-2's tokenizer (model/gpt2-base)"
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    texts = [json.dumps(r, ensure_ascii=False) for r in json.load(open(SAMPLE, encoding="utf-8"))]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>")
-    return tok, f"a byte-level BPE of {len(tok)} tokens trained on the sample (GPT-2's files are not on disk)"
+def load_sft():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "Supervised_Fine-Tuning.py"))
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    return sft
 
 
-def get_conversations(n, seed):
-    real = os.path.join(ROOT, sft.DEFAULT_DATA)
-    if os.path.isfile(real):
-        convs, _ = sft.load_conversations(real)
-        random.Random(seed).shuffle(convs)
-        return convs[:n], f"{n} conversations of {sft.DEFAULT_DATA}"
-    convs, _ = sft.load_conversations(SAMPLE)
-    exchanges = []
-    for c in convs:
-        for i in range(len(c) - 1):
-            if c[i]["role"] == "user" and c[i + 1]["role"] == "assistant":
-                exchanges.append(c[i:i + 2])
-    rng = random.Random(seed)
-    out = [[m for _ in range(rng.randint(1, 12)) for m in rng.choice(exchanges)] for _ in range(n)]
-    return out, f"{n} conversations of 1-12 exchanges drawn from the sample"
+def tokenizer_dir():
+    local = os.path.join(ROOT, "model", "gpt2-base")
+    if any(os.path.isfile(os.path.join(local, f)) for f in ("tokenizer.json", "vocab.json")):
+        return local, "GPT-2's tokenizer (model/gpt2-base)"
+    shared = os.path.join(SHARED, "gpt2-tokenizer")
+    if os.path.isfile(os.path.join(shared, "vocab.json")):
+        return shared, "GPT-2's real BPE (../shared/gpt2-tokenizer)"
+    sys.exit("Error: no GPT-2 tokenizer: put GPT-2's files in model/gpt2-base (or ../shared/gpt2-tokenizer).")
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step and the real tokens it consumed (read off the model's inputs)."""
+def peak_rss_gb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
-    def __init__(self, model):
+
+class StepTimer:
+    """Wall time of each optimizer step and the real tokens its batches held."""
+
+    def __init__(self, model, count):
         self.times, self.tokens, self._seen, self._t0 = [], [], 0, 0.0
-        model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.count = count
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _count(self, module, args, kwargs):
-        if module.training and kwargs.get("attention_mask") is not None:
-            self._seen += int(kwargs["attention_mask"].sum())
+    def _hook(self, module, args, kwargs):
+        if module.training:
+            self._seen += self.count(kwargs)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, *a, **k):
         self._seen, self._t0 = 0, time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, *a, **k):
         self.times.append(time.perf_counter() - self._t0)
         self.tokens.append(self._seen)
 
+    def result(self):
+        tokens, seconds = sum(self.tokens[1:]), sum(self.times[1:])  # step 1 is warm-up
+        return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "steps": len(self.times) - 1}
 
-def lora(model):
+
+def worker_original(opts):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    sft = load_sft()
+    tok = AutoTokenizer.from_pretrained(opts.work)
+    convs, _ = sft.load_conversations(os.path.join(opts.work, "conversations.json"))
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
+    enc = tok(texts, truncation=True, max_length=512, padding="max_length")
+    dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    model = sft.model_class(opts.reference).from_pretrained(opts.work, dtype=torch.float32)
+    model.config.use_cache = False
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05, target_modules=sft.LORA_TARGETS,
-                     fan_in_fan_out=True, bias="none")
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                             target_modules=sft.LORA_TARGETS, fan_in_fan_out=True, bias="none"))
+    timer = StepTimer(model, lambda kw: int(kw["attention_mask"].sum()))
+    callback = type("Timer", (TrainerCallback,), {"on_step_begin": lambda s, *a, **k: timer.on_step_begin(),
+                                                   "on_step_end": lambda s, *a, **k: timer.on_step_end()})()
+    args = TrainingArguments(output_dir=os.path.join(opts.work, "original-out"), max_steps=opts.steps + 1,
+                             per_device_train_batch_size=opts.batch_size, learning_rate=2e-4,
+                             bf16=opts.precision == "bf16", use_cpu=True, report_to="none", save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback],
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    return timer.result()
 
 
-def run(base, dataset, collator, steps, batch_size, precision, grouped, out_dir):
-    model = lora(copy.deepcopy(base))
-    timer = StepTimer(model)
-    args = TrainingArguments(output_dir=out_dir, max_steps=steps + 1, per_device_train_batch_size=batch_size,
-                             learning_rate=2e-4, bf16=precision == "bf16", use_cpu=True, report_to="none",
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
-                             remove_unused_columns=False, label_names=["labels"],
-                             train_sampling_strategy="group_by_length" if grouped else "random")
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[timer]).train()
-    tokens, seconds = sum(timer.tokens[1:]), sum(timer.times[1:])  # step 1 is warm-up
-    return tokens / seconds, tokens, seconds
+def worker_this(opts):
+    sft = load_sft()
+    from transformers import TrainerCallback
+    holder, counts = {}, []
+    collate = sft.PadToLongest.__call__
+
+    def counting_collate(self, features):  # the real tokens of each batch, in the order the model sees them
+        counts.append(sum(len(f["input_ids"]) for f in features))
+        return collate(self, features)
+    sft.PadToLongest.__call__ = counting_collate
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            holder["timer"] = StepTimer(model, lambda kwargs: counts.pop(0))
+
+        def on_step_begin(self, *a, **k):
+            holder["timer"].on_step_begin()
+
+        def on_step_end(self, *a, **k):
+            holder["timer"].on_step_end()
+
+    out = os.path.join(opts.work, f"this-{opts.precision}")
+    argv = ["--model", opts.work, "--data", os.path.join(opts.work, "conversations.json"), "--output", out,
+            "--max-steps", str(opts.steps + 1), "--batch-size", str(opts.batch_size), "--grad-accum", "1",
+            "--eval-size", "0", "--save-steps", "100000", "--logging-steps", "100000", "--overwrite"]
+    if opts.precision != "default":
+        argv += ["--precision", opts.precision]
+    if opts.reference:
+        argv.append("--reference")
+    sft.main(argv, extra_callbacks=[Timer()])
+    return holder["timer"].result()
+
+
+def prepare(args):
+    """Pick the conversations, save them, the tokenizer and one random 124M GPT-2 for every run to load."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config
+    sft = load_sft()
+    tok_path, tok_note = tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    tok.pad_token = tok.eos_token
+    tok.chat_template = sft.ChatFormat().jinja()
+    if not os.path.isfile(args.data):
+        sys.exit(f"Error: {args.data} not found: pass --data with ShareGPT conversations (JSON list or JSONL).")
+    records, _ = sft.read_records(args.data)
+    usable = [r for r in records if sft.normalize_record(r)[1] is None]
+    random.Random(args.seed).shuffle(usable)
+    records = usable[:args.conversations]  # the raw records: the script reads them as a user's file
+    with open(os.path.join(args.work, "conversations.json"), "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False)
+    convs = [sft.normalize_record(r)[0] for r in records]
+    skipped = len(sft.read_records(args.data)[0]) - len(usable)
+    tok.save_pretrained(args.work)
+    torch.manual_seed(0)
+    config = GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # 124M shape, 50257 vocab
+    sft.model_class(args.reference)(config).save_pretrained(args.work)
+
+    lengths = [len(ids) for ids in tok([tok.apply_chat_template(c, tokenize=False) for c in convs])["input_ids"]]
+    examples, _ = sft.build_examples(convs, tok, sft.ChatFormat(), 1024)
+    windows = [e["length"] for e in examples]
+    learned = sum(sum(l != -100 for l in e["labels"]) for e in examples)
+    print(f"Data: {len(convs)} conversations drawn from {os.path.relpath(args.data, ROOT)} (its {skipped} unusable "
+          f"records left out); tokenizer: {tok_note}.")
+    print(f"  conversations: mean {sum(lengths) / len(lengths):.0f} tokens, median {sorted(lengths)[len(lengths) // 2]}, "
+          f"{100 * sum(n > 512 for n in lengths) / len(lengths):.0f}% over 512, "
+          f"{100 * sum(n > 1024 for n in lengths) / len(lengths):.0f}% over 1024")
+    print(f"  original: {len(convs)} examples of 512 tokens, "
+          f"{100 * sum(min(n, 512) for n in lengths) / (512 * len(lengths)):.0f}% of them real (the rest padding)")
+    print(f"  this script: {len(examples)} windows, mean {sum(windows) / len(windows):.0f} tokens, "
+          f"{100 * learned / sum(windows):.0f}% of tokens learned (assistant replies + EOS)")
+    print(f"Model: {'transformers' if args.reference else 'gpt2/modeling_gpt2.py'} GPT-2, 124M shape, random weights; "
+          f"LoRA r=16; batch {args.batch_size}; {args.steps} measured steps after 1 warm-up; "
+          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def run_worker(args, recipe, precision):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", recipe, "--precision", precision,
+           "--work", args.work, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    if args.reference:
+        cmd.append("--reference")
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.exit(f"Error: the {recipe} {precision} run failed:\n{run.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--conversations", type=int, default=400)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--conversations", type=int, default=200, help="conversations drawn from --data")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps-original", type=int, default=2, help="measured steps (after 1 warm-up)")
-    p.add_argument("--steps-this", type=int, default=4, help="measured steps (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per run (after 1 warm-up)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole alternation (results are averaged)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--no-default", action="store_true", help="skip the run of the script at its CPU default")
     p.add_argument("--reference", action="store_true", help="transformers' GPT-2 instead of gpt2/modeling_gpt2.py")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=["original", "this"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)
 
-    from datasets import Dataset
-    tok, tok_note = get_tokenizer()
-    tok.pad_token = tok.eos_token
-    tok.chat_template = sft.ChatFormat().jinja()
-    convs, data_note = get_conversations(args.conversations, args.seed)
+    if args.worker:  # one measured run, in a process of its own
+        import torch
+        torch.manual_seed(0)
+        result = (worker_original if args.worker == "original" else worker_this)(args)
+        result["peak_gb"] = peak_rss_gb()
+        print("RESULT " + json.dumps(result), flush=True)
+        return result
 
-    # Original recipe: rendered text, truncation + padding to 512, labels = input_ids (pad/EOS masked).
-    texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
-    enc = tok(texts, truncation=True, max_length=512, padding="max_length", split_special_tokens=False)
-    original = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    original_collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    # This script: assistant-only labels, windows, length-grouped dynamic padding.
-    examples, _ = sft.build_examples(convs, tok, sft.ChatFormat(), 1024)
-    this = Dataset.from_list(examples)
-    this_collator = sft.PadToLongest(tok.pad_token_id)
-
-    lengths = [e["length"] for e in examples]
-    real_512 = sum(enc["attention_mask"][i].count(1) for i in range(len(convs)))
-    print(f"Data: {data_note}; tokenizer: {tok_note}.")
-    print(f"  this script: {len(examples)} examples, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}")
-    print(f"  original: {len(convs)} examples of 512, {100 * real_512 / (512 * len(convs)):.0f}% real tokens "
-          f"(the rest padding), {sum(len(ids) > 512 for ids in tok(texts)['input_ids'])} truncated")
-    torch.manual_seed(0)
-    cls = sft.model_class(args.reference)
-    config = GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # 124M shape, 50257 vocab
-    base = cls(config)
-    base.config.use_cache = False
-    print(f"Model: {'transformers' if args.reference else 'gpt2/modeling_gpt2.py'} GPT-2 124M shape, random weights; "
-          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
-
-    results = {}
-    out_dir = os.path.join("/tmp", "bench_sft_trainer")
-    for precision in args.precisions:
-        for name, ds, coll, steps, grouped in [("original", original, original_collator, args.steps_original, False),
-                                               ("this", this, this_collator, args.steps_this, True)]:
-            tps, tokens, secs = run(base, ds, coll, steps, args.batch_size, precision, grouped, out_dir)
-            results[(name, precision)] = tps
-            print(f"  {name:8s} {precision}: {tps:8.1f} real tokens/s  ({tokens} tokens in {secs:.1f} s, {steps} steps)",
-                  flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_sft.") as work:
+        args.work = work
+        prepare(args)
+        plan = [(recipe, precision) for precision in args.precisions for recipe in ("original", "this")]
+        if not args.no_default:
+            plan.append(("this", "default"))
+        results = {}
+        for round_ in range(args.rounds):
+            for recipe, precision in (plan if round_ % 2 == 0 else plan[::-1]):
+                r = run_worker(args, recipe, precision)
+                results.setdefault((recipe, precision), []).append(r)
+                print(f"  {recipe:8s} {precision:7s}: {r['tok_s']:7.1f} real tokens/s ({r['tokens']} tokens in "
+                      f"{r['seconds']:.1f} s, {r['steps']} steps), peak memory {r['peak_gb']:.2f} GB", flush=True)
+    tps = {k: sum(r["tok_s"] for r in v) / len(v) for k, v in results.items()}
+    peak = {k: max(r["peak_gb"] for r in v) for k, v in results.items()}
     print(f"Ratios (this script / original recipe; load average now {os.getloadavg()[0]:.1f}):")
     for precision in args.precisions:
-        print(f"  {precision}: {results[('this', precision)] / results[('original', precision)]:.2f}x")
-    if "fp32" in args.precisions and "bf16" in args.precisions:
-        print(f"  this bf16 / original fp32 (as each runs by default on this CPU): "
-              f"{results[('this', 'bf16')] / results[('original', 'fp32')]:.2f}x")
-    return results
+        print(f"  {precision}: {tps[('this', precision)] / tps[('original', precision)]:.2f}x speed; peak memory "
+              f"{peak[('this', precision)]:.2f} GB vs {peak[('original', precision)]:.2f} GB")
+    if ("this", "default") in tps and ("original", "fp32") in tps:
+        print(f"  this script at its CPU default / original fp32: "
+              f"{tps[('this', 'default')] / tps[('original', 'fp32')]:.2f}x; peak memory {peak[('this', 'default')]:.2f} GB")
+    return tps, peak
 
 
 if __name__ == "__main__":

@@ -223,7 +223,75 @@ def test_collator_pads_to_longest_without_masking_eos():
                      {"input_ids": [7], "labels": [7], "length": 1}])
     assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 0], [7, -100, -100]]  # the real EOS (id 0 = pad id) is learned
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert "attention_mask" not in batch  # padding only at the end: causal attention never looks at it
+
+
+def lora_model(impl, tiny_dir, dtype=torch.float32):
+    """A tiny GPT-2 with LoRA whose B matrices are not zero (so the adapter changes the model), no dropout."""
+    from peft import LoraConfig, get_peft_model
+    base = gpt2_class(impl).from_pretrained(tiny_dir, dtype=dtype, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=sft.LORA_TARGETS,
+                        fan_in_fan_out=True, init_lora_weights=False)
+    return get_peft_model(base, config).train()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fast_loss_and_lora_gradients_equal_the_full_logits_computation(tiny_dir, tok, impl, monkeypatch):
+    """What the training runs (no attention mask, fused GELU, lm_head only at labelled positions, in slices)
+    against the straightforward computation: padding mask, GPT-2's own gelu_new, the model's loss on all logits."""
+    conversations, _ = sft.load_conversations(SAMPLE)
+    examples, _ = sft.build_examples(conversations[:6], tok, sft.ChatFormat(), 64)
+    features = sorted(examples, key=lambda e: e["length"])[-4:]
+    assert len({f["length"] for f in features}) > 1  # the batch has padding
+    batch = sft.PadToLongest(tok.eos_token_id)(features)
+    n_learned = sum(sum(l != -100 for l in f["labels"][1:]) for f in features)  # Trainer's count
+    mask = torch.tensor([[1] * f["length"] + [0] * (batch["input_ids"].size(1) - f["length"]) for f in features])
+
+    torch.manual_seed(0)
+    reference = lora_model(impl, tiny_dir)
+    loss_ref = reference(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
+                         num_items_in_batch=n_learned).loss
+    loss_ref.backward()
+
+    torch.manual_seed(0)
+    fast = lora_model(impl, tiny_dir)
+    sft.use_fused_gelu(fast)
+    base = fast.get_base_model()
+    weight = base.lm_head.weight
+    base.lm_head = torch.nn.Identity()
+    monkeypatch.setattr(sft, "LOSS_SLICE", 7)  # several slices, the last one partial
+    loss = sft.assistant_loss(weight)(fast(input_ids=batch["input_ids"]), batch["labels"], n_learned)
+    loss.backward()
+
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    grads_ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 4 * 2  # lora_A, lora_B x 4 layers x 2 blocks
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without a count (evaluation), the mean over the labelled tokens of this batch.
+    with torch.no_grad():
+        assert sft.assistant_loss(weight)(fast(input_ids=batch["input_ids"]), batch["labels"]).item() == \
+            pytest.approx(loss_ref.item(), rel=1e-5)
+
+
+def test_bf16_base_loss_is_close_to_fp32(tiny_dir, tok):
+    """The CPU default: bf16 base weights (no fp32 copy), fp32 LoRA parameters; the loss within bf16 rounding."""
+    conversations, _ = sft.load_conversations(SAMPLE)
+    examples, _ = sft.build_examples(conversations[:4], tok, sft.ChatFormat(), 64)
+    batch = sft.PadToLongest(tok.eos_token_id)(examples[:4])
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = lora_model("transformers", tiny_dir, dtype)
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        base = model.get_base_model()
+        weight, base.lm_head = base.lm_head.weight, torch.nn.Identity()
+        losses[dtype] = sft.assistant_loss(weight)(model(input_ids=batch["input_ids"]), batch["labels"])
+        losses[dtype].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert losses[torch.bfloat16].dtype == torch.float32
+    assert losses[torch.bfloat16].item() == pytest.approx(losses[torch.float32].item(), rel=2e-2)
 
 
 def test_dump_dataset(tiny_dir, tok, tmp_path, capsys):
