@@ -100,9 +100,9 @@ def check_chatglm2(config, src):
     missing = [key for key in required if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool)]
     if missing:
         raise ConversionError(f"{src}/config.json 缺少 ChatGLM2 的字段 {', '.join(missing)}：请放入完整的 THUDM/chatglm2-6b(-int4) 文件")
-    unsupported = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
-                   "apply_residual_connection_post_layernorm": False}
-    for key, wanted in unsupported.items():
+    chatglm2_settings = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
+                         "apply_residual_connection_post_layernorm": False}
+    for key, wanted in chatglm2_settings.items():
         if config.get(key, wanted) != wanted:
             raise ConversionError(f"{src} 的 {key}={config[key]}，与 ChatGLM2 的结构不同，transformers 的 glm 模型无法表示")
     if config.get("pre_seq_len"):
@@ -229,7 +229,7 @@ def converted_tensors(checkpoint, config):
         if name.endswith(".weight_scale") or name.endswith("rotary_pos_emb.inv_freq"):
             continue  # scales go with their weight; the rotary frequencies are recomputed from the config
         tensor = checkpoint.get(name)
-        if bits and name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED and "layers." in name:
+        if bits and tensor.dtype == torch.int8 and name.rsplit(".", 2)[-2] in QUANTIZED:
             scale_name = name + "_scale"
             if scale_name not in checkpoint.where:
                 raise ConversionError(f"{checkpoint.src} 的 config.json 说 quantization_bit={bits}，但 {name} 没有 weight_scale")
@@ -268,6 +268,9 @@ def write_weights(checkpoint, config, work, expected, shard_bytes=SHARD_BYTES):
 
     bar = tqdm(total=len(expected), desc="转换 ChatGLM2 权重", unit="tensor")
     for name, tensor in converted_tensors(checkpoint, config):
+        if tuple(tensor.shape) != expected.get(name, tuple(tensor.shape)):
+            raise ConversionError(f"{checkpoint.src} 的张量 {name} 形状是 {tuple(tensor.shape)}，config.json 算出 "
+                                  f"{expected[name]}：权重与配置不符")
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > shard_bytes:
             flush()
@@ -292,12 +295,12 @@ def write_weights(checkpoint, config, work, expected, shard_bytes=SHARD_BYTES):
     return weight_map
 
 
-def expected_names(glm):
-    """The state-dict names GlmForCausalLM has for this config (built on the meta device: no memory)."""
+def expected_shapes(glm):
+    """{name: shape} of GlmForCausalLM's state dict for this config (built on the meta device: no memory)."""
     from transformers import GlmForCausalLM
     with torch.device("meta"):
         model = GlmForCausalLM(glm)
-    return list(model.state_dict())
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
@@ -321,7 +324,7 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
         raise ConversionError(f"输出目录 {out} 不能在源目录 {src} 里面")
     started = time.time()
     glm = glm_config(config)
-    expected = expected_names(glm)
+    expected = expected_shapes(glm)
     checkpoint = Checkpoint(src)
     tokenizer = build_tokenizer(src, config)  # first: a bad tokenizer.model fails before gigabytes are written
     need = estimate_bytes(glm, torch.float16 if config.get("quantization_bit") else getattr(torch, glm_dtype(config)))

@@ -331,6 +331,8 @@ def test_other_directories_get_one_sentence(tmp_path):
     assert "P-Tuning" in refusal(half, tmp_path / "out")
     (half / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "kv_channels"}))
     assert "kv_channels" in refusal(half, tmp_path / "out")
+    (half / "config.json").write_text(json.dumps(dict(config, ffn_hidden_size=12)))  # weights of another shape
+    assert "形状" in refusal(half, tmp_path / "out")
     (half / "config.json").write_text(json.dumps(dict(config, _name_or_path="THUDM/chatglm3-6b")))
     assert "ChatGLM3" in refusal(half, tmp_path / "out")
     (half / "config.json").write_text(json.dumps(config))
