@@ -144,9 +144,10 @@ def test_bpe_on_chinese_and_jsonl_with_a_bad_record(tmp_path, capsys):
     assert HFGPT2.from_pretrained(out).config.eos_token_id == tok.eos_token_id
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16 on a CPU: bf16 weights with an fp32 master copy
+def test_killed_run_resumes_to_the_same_result(tmp_path, dtype):
     common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 8, "--eval-interval", 0,
-              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY]
+              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY, "--dtype", dtype]
     full, broken = tmp_path / "full", tmp_path / "broken"
     # All three runs in subprocesses with the same thread count, so the arithmetic is bit-for-bit the same.
     r = run_subprocess(*common, "--out", full)
@@ -158,6 +159,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert r.returncode == 0 and "Resuming from" in r.stdout, r.stderr[-2000:]
     a, b = load_params(full), load_params(broken)
     for k in a:
+        assert a[k].dtype == torch.float32, k  # the fp32 master weights are what is saved, also after bf16
         assert torch.equal(a[k], b[k]), k
     assert metrics(full)["history"]["train"] == metrics(broken)["history"]["train"]
 
@@ -230,3 +232,64 @@ def test_gpt2_tokenizer_from_a_local_directory(tmp_path):
         meta = json.load(f)
     expected = sum(len(tok(Path(t).read_text(encoding="utf-8"))["input_ids"]) + 1 for t in TEXTS)
     assert meta["n_tokens"] == expected
+
+
+def tiny_model(seed=0, vocab=40):
+    from transformers import GPT2Config
+    from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_fused_gelu_computes_what_gpt2s_gelu_does():
+    """use_fused_gelu swaps the activation only: same logits and gradients, same saved parameters."""
+    slow, fast = tiny_model(), tiny_model()
+    Pretraining.use_fused_gelu(fast)
+    assert isinstance(fast.transformer.h[0].mlp.act, torch.nn.GELU)
+    assert fast.state_dict().keys() == slow.state_dict().keys()
+    x = torch.randint(0, 40, (3, 16))
+    for m in (slow, fast):
+        m(input_ids=x).logits.square().mean().backward()
+    torch.testing.assert_close(fast(input_ids=x).logits, slow(input_ids=x).logits, rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(slow.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
+    model = tiny_model()
+    mixed = Pretraining.MasterWeights(model)
+    low = mixed.compute
+    assert low.lm_head.weight is low.transformer.wte.weight and low.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x1, x2 = torch.randint(0, 40, (2, 2, 16))
+    expected = {}
+    for x in (x1, x2):  # two micro-batches
+        low(input_ids=x).logits.float().logsumexp(-1).mean().backward()
+        for name, p in low.named_parameters():
+            expected[name] = expected.get(name, 0) + p.grad.float()
+        mixed.collect_grads()
+        assert all(p.grad is None for p in low.parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    mixed.copy_to_compute()
+    for (name, p), q in zip(model.named_parameters(), low.parameters()):
+        assert torch.equal(q, p.to(torch.bfloat16)), name
+
+
+def test_bf16_training_follows_the_fp32_loss_curve(tmp_path):
+    """CPU bf16 (bf16 weights, fp32 master) learns like fp32: same data and initial weights, close losses."""
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 20, "--eval-interval", 0, "--lr", "3e-3", *TINY]
+    curves = {}
+    for dtype in ("fp32", "bf16"):
+        run_inprocess(*common, "--dtype", dtype, "--out", tmp_path / dtype)
+        curves[dtype] = [loss for _, loss in metrics(tmp_path / dtype)["history"]["train"]]
+        assert metrics(tmp_path / dtype)["dtype"] == dtype
+    assert curves["fp32"][0] > curves["fp32"][-1] + 1.0  # it learns
+    # bf16 keeps 8 bits of mantissa: each step's loss agrees to about 1%, and the run ends where fp32 ends.
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.02)
+    assert curves["bf16"] != curves["fp32"]  # it really computed in bf16
