@@ -462,11 +462,12 @@ def parameter_counts(glm):
 
 
 def estimate_bytes(glm, dtype=None, four_bit=False):
-    """Bytes of the weights in memory: `dtype` everywhere, or NF4 linear layers (≈0.53 byte each) + dtype elsewhere."""
+    """Bytes of the weights in memory: `dtype` everywhere, or NF4 linear layers + dtype elsewhere (NF4: 4 bits per
+    weight plus one float32 absmax per block of 64, bitsandbytes' default)."""
     dtype = dtype or torch.bfloat16
     size = torch.tensor([], dtype=dtype).element_size()
     linear, other = parameter_counts(glm)
-    return int(linear * 0.53 + other * size) if four_bit else (linear + other) * size
+    return int(linear * (0.5 + 4 / 64) + other * size) if four_bit else (linear + other) * size
 
 
 def available_memory(device):
