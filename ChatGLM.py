@@ -645,7 +645,7 @@ def main():
     print(f"正在加载 {args.model} …", file=sys.stderr)
     model, tokenizer, device = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     name = Path(args.model.rstrip("/")).name
-    engine = ChatEngine(model, tokenizer, name, batching=args.batching)
+    engine = ChatEngine(model, tokenizer, name, batching=args.batching, sampling=args.temperature > 0)
     how = "连续批处理 continuous batching" if engine.paged else "批量 generate"
     print(f"已加载 {name}（{device}，上下文 {engine.context_window} tokens，并发请求：{how}）", file=sys.stderr)
     try:

@@ -63,7 +63,6 @@ class Options:
     min_new_tokens: int = 0
     logit_bias: tuple = ()  # (token id, bias) pairs, OpenAI's logit_bias
 
-
     @property
     def greedy(self):
         return self.temperature <= 0 or self.top_p <= 0
@@ -80,9 +79,13 @@ class Options:
 class ChatEngine:
     """One model shared by every front end and every concurrent request."""
 
-    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=8, around=nullcontext):
+    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=8, around=nullcontext,
+                 sampling=True):
         """batching: "auto" (continuous batching when the model supports it), "paged" or "generate".
-        around: a context every generate() call runs in (Task 8's --compare: the adapter switched off)."""
+        around: a context every generate() call runs in (Task 8's --compare: the adapter switched off).
+        sampling: False when most requests will be greedy (a server started with --temperature 0): the scheduler
+        then picks the top token directly, without sorting the vocabulary for each request at every step, and the
+        rare sampling request goes through generate()."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context_window = context_window(model, tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -96,7 +99,7 @@ class ChatEngine:
         self.turn_marker = user_turn_marker(self) if self.has_template else "User:"
         self.remote_code = hasattr(model, "stream_chat")  # ChatGLM-6B v1's own chat loop (legacy environment)
         use_paged = batching == "paged" or (batching == "auto" and can_page(model))
-        self.paged = Paged(self, max_batch) if use_paged and not self.remote_code else None
+        self.paged = Paged(self, max_batch, sampling) if use_paged and not self.remote_code else None
         self.batched = (StreamChat(self) if self.remote_code else
                         Batched(self, max_batch, pause=self.paged.pause if self.paged else nullcontext,
                                 around=around or nullcontext))
@@ -144,7 +147,8 @@ class ChatEngine:
         messages = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
         messages, ids, max_new_tokens, dropped = self.fit(messages, options.max_new_tokens, trim)
         reply = Reply(self, ids, replace(options, max_new_tokens=max_new_tokens), dropped, messages)
-        backend = self.paged if self.paged is not None and not options.needs_generate() else self.batched
+        paged = self.paged is not None and not options.needs_generate() and (self.paged.sampling or options.greedy)
+        backend = self.paged if paged else self.batched
         backend.submit(reply)
         return reply
 
@@ -335,16 +339,17 @@ class Paged:
     (model.init_continuous_batching, the machinery of `transformers serve --continuous-batching`).
 
     Per request it honours max_new_tokens, temperature, top_p and greedy decoding (top_k=1); requests with
-    settings it cannot apply per request (seed, penalties, logprobs) go to Batched, which pauses this loop."""
+    settings it cannot apply per request (seed, penalties, logprobs) go to Batched, which pauses this loop.
+    With sampling=False it decodes greedily only (argmax, no per-request processors: faster)."""
 
-    def __init__(self, engine, max_batch):
+    def __init__(self, engine, max_batch, sampling=True):
         from transformers import ContinuousBatchingConfig
-        self.engine, model = engine, engine.model
+        self.engine, model, self.sampling = engine, engine.model, sampling
         # Per-request temperature/top_p/top_k exist only if the shared config creates those processors.
         self.top_k = getattr(model.generation_config, "top_k", None) or 50
-        config = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=self.top_k,
-                                  max_new_tokens=engine.context_window, eos_token_id=engine.eos_ids,
-                                  pad_token_id=engine.pad_id)
+        config = GenerationConfig(do_sample=sampling, max_new_tokens=engine.context_window,
+                                  eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id,
+                                  **(dict(temperature=0.5, top_p=0.5, top_k=self.top_k) if sampling else {}))
         sizes = {}
         if model.device.type == "cpu":  # on a GPU the library sizes the cache from free memory
             sizes = dict(num_blocks=max_batch * max(1, min(engine.context_window, 2048) // 256), max_batch_tokens=1024)
@@ -360,6 +365,7 @@ class Paged:
         o = reply.options
         sampling = dict(temperature=1.0, top_p=1.0, top_k=1) if o.greedy else dict(
             temperature=float(o.temperature), top_p=float(o.top_p), top_k=self.top_k)
+        sampling = sampling if self.sampling else {}
         with self.lock:
             request_id = self.manager.add_request(reply.prompt_ids, max_new_tokens=o.max_new_tokens, streaming=True,
                                                   eos_token_id=self.engine.eos_ids, **sampling)

@@ -65,6 +65,14 @@ def paged(tok):
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def paged_greedy(tok):
+    """A server started with --temperature 0: the scheduler decodes greedily (no per-request processors)."""
+    engine = ce.ChatEngine(tiny_gpt2(tok, ours=False), tok, "bot", sampling=False)
+    yield engine
+    engine.close()
+
+
 QUESTIONS = ["hi", "the quick brown fox", "ping", "a chat model answers questions 1234567890", "你好 世界",
              "hello world", "jumps over the lazy dog", "今天天气很好"]
 
@@ -96,7 +104,7 @@ def concurrent_replies(engine, questions, **options):
     return replies
 
 
-@pytest.mark.parametrize("backend", ["batched", "paged"])
+@pytest.mark.parametrize("backend", ["batched", "paged", "paged_greedy"])
 def test_concurrent_greedy_replies_equal_one_by_one_generate(backend, request):
     """Eight requests at once (different prompt lengths, so left padding / paging matters) give each what
     model.generate gives that prompt alone."""
@@ -214,11 +222,18 @@ def test_cancel_frees_the_model(batched, paged):
         assert list(again) is not None and again.finish_reason in ("stop", "length")
 
 
-def test_paged_and_generate_backends_share_the_model(paged):
-    """A request the scheduler cannot serve (a seed) runs through generate() while the loop is paused."""
+def test_paged_and_generate_backends_share_the_model(paged, paged_greedy, monkeypatch):
+    """A request the scheduler cannot serve (a seed; sampling on a greedy scheduler) runs through generate()
+    while the loop is paused."""
     replies = concurrent_replies(paged, QUESTIONS[:4], max_new_tokens=8, temperature=0)
     seeded = paged.reply([{"role": "user", "content": QUESTIONS[0]}], max_new_tokens=8, temperature=0, seed=3)
     assert "".join(seeded) == replies[0][0].text
+    runs, run = [], ce.Batched.run
+    monkeypatch.setattr(ce.Batched, "run", lambda self, batch: (runs.append(len(batch)), run(self, batch))[1])
+    question = [{"role": "user", "content": QUESTIONS[3]}]
+    sampled = "".join(paged_greedy.reply(question, max_new_tokens=12, temperature=1.5, top_p=1.0, seed=4))
+    assert runs == [1] and sampled == "".join(paged.reply(question, max_new_tokens=12, temperature=1.5, top_p=1.0,
+                                                          seed=4))
 
 
 def test_chat_commands_and_transcript(batched, tmp_path):
