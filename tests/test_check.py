@@ -258,7 +258,7 @@ def test_the_issues_examples_on_the_exact_standard_init_model(tmp_path):
     for name in ("exact GELU (F.gelu)", "GELU constant 0.0447", "MLP without its dropout", "attention without resid_dropout"):
         ratio, row, _rows = worst_ratio(apply(wrong[name]), tmp_path, weight_set)
         assert ratio >= MARGIN, (name, row, ratio)
-    for name, edits in CORRECT_REWRITES[:4]:
+    for name, edits in CORRECT_REWRITES[:2]:  # (all of them run on the three tiny weight sets above)
         ratio, row, _rows = worst_ratio(apply(edits), tmp_path, weight_set)
         assert ratio <= 1 / MARGIN, (name, row, ratio)
 
