@@ -357,8 +357,12 @@ def test_output_appears_only_when_complete(tmp_path, monkeypatch):
     assert written and not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "the partial directory was left behind"
     monkeypatch.undo()
-    cg.convert(tmp_path / "src", tmp_path / "out", quiet=True, shard_bytes=64)  # tiny shards: several files
-    assert len(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    native, _ = make_chatglm2(tmp_path / "src", heads=2, groups=1, head_dim=4, hidden=8, ffn=8)  # the same again
+    cg.convert(tmp_path / "src", tmp_path / "out", quiet=True, shard_bytes=256)  # tiny shards: several files
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and sorted(index["weight_map"]) == sorted(native)
+    model, _ = load_native(tmp_path / "out", dtype=None)  # transformers follows the index
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in native.items())
     line = one_sentence(run_convert(tmp_path / "src", tmp_path / "out"))  # never overwrites
     assert "已经存在" in line
 
