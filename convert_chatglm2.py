@@ -335,8 +335,8 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
     free = shutil.disk_usage(out.parent).free
     if free < need * 1.05:
         raise ConversionError(f"{out.parent} 只剩 {free / 2**30:.1f} GB 磁盘空间，转换结果约 {need / 2**30:.1f} GB：请先腾出空间")
+    remove_abandoned_work(out, say)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"  # a hidden sibling: same file system, so rename is atomic
-    shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir()
     except OSError as error:
@@ -362,6 +362,21 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
         raise
     say(f"转换完成（{time.time() - started:.0f} 秒）：{out}")
     return out
+
+
+def remove_abandoned_work(out, say):
+    """A conversion killed outright (kill -9, a closed Colab tab) leaves its hidden partial directory: remove
+    those whose process is gone, so that gigabytes of half-written shards do not pile up."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
+            continue  # that conversion is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue
+        say(f"删除上次中断的转换留下的 {partial}")
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def generation_config(config):

@@ -356,11 +356,16 @@ def test_output_appears_only_when_complete(tmp_path, monkeypatch):
         cg.convert(tmp_path / "src", tmp_path / "out", quiet=True)
     assert written and not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "the partial directory was left behind"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".out.partial-{int(dead.stdout)}"  # what a conversion killed with -9 leaves
+    (abandoned / "part-00000.safetensors").parent.mkdir()
+    (abandoned / "part-00000.safetensors").write_bytes(b"half")
     monkeypatch.undo()
     native, _ = make_chatglm2(tmp_path / "src", heads=2, groups=1, head_dim=4, hidden=8, ffn=8)  # the same again
     cg.convert(tmp_path / "src", tmp_path / "out", quiet=True, shard_bytes=256)  # tiny shards: several files
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3 and sorted(index["weight_map"]) == sorted(native)
+    assert not abandoned.exists()
     model, _ = load_native(tmp_path / "out", dtype=None)  # transformers follows the index
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in native.items())
     line = one_sentence(run_convert(tmp_path / "src", tmp_path / "out"))  # never overwrites
