@@ -34,15 +34,15 @@ from tqdm.auto import tqdm
 
 # ChatGLM2's tokenizer appends these five tokens after the sentencepiece vocabulary, in this order.
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
-PREFIX = "[gMASK]sop"  # what ChatGLM2 puts before every input (get_prefix_tokens)
 SHARD_BYTES = 1 << 30  # 1 GiB output shards: with save_file's own copy, peak memory stays near 2 GiB + a tensor
 QUANTIZED = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # the linear layers int4 packs
 FORMAT_NOTE = "chatglm2_conversion.json"  # written last inside OUT: where it came from
 
 # ChatGLM2's prompt (tokenizer.build_prompt), as a chat template. ChatGLM2 has no system role: a system
 # message is put before the first question, separated by a blank line (as ChatGLM.py always did for it).
+# PREFIX becomes ChatGLM2's "[gMASK]sop" (get_prefix_tokens), which it puts before every input.
 CHAT_TEMPLATE = (
-    "{{- '[gMASK]sop' -}}"
+    "{{- 'PREFIX' -}}"
     "{%- set ns = namespace(system='', round=0, asked=false) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}"
@@ -460,7 +460,8 @@ def build_tokenizer(src, config=None):
         tokenizer_object=backend, eos_token=eos_piece, unk_token=proto.pieces[unk_id].piece,
         pad_token=proto.pieces[unk_id].piece,  # ChatGLM2 pads with <unk> (id 0), on the left
         padding_side="left", clean_up_tokenization_spaces=False,
-        model_max_length=(config or {}).get("seq_length", 8192), chat_template=CHAT_TEMPLATE)
+        model_max_length=(config or {}).get("seq_length", 8192),
+        chat_template=CHAT_TEMPLATE.replace("PREFIX", gmask + sop))
     return tokenizer
 
 

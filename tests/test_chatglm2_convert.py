@@ -173,6 +173,19 @@ def test_tokenizer_follows_the_sentencepiece_settings(tmp_path, settings):
         assert tokenizer.decode(want, skip_special_tokens=True) == chatglm2_original_decode(sp, want), text
 
 
+def test_a_special_name_that_is_also_a_piece_keeps_both_ids(tmp_path):
+    """If "sop" is itself a sentencepiece piece, the special token is spelled "<sop>" (one string, one id) and
+    still gets ChatGLM2's id; the chat template follows."""
+    sp = train_sentencepiece(tmp_path, dict(SETTINGS["chatglm2-like"], user_defined_symbols=["sop"]))
+    tokenizer = cg.build_tokenizer(tmp_path)
+    n = sp.get_piece_size()
+    assert tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"]) == [n + 1, n + 3]
+    assert tokenizer("soprano sop")["input_ids"] == [n + 1, n + 3] + sp.encode("soprano sop")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                        return_dict=False)
+    assert list(ids) == [n + 1, n + 3] + sp.encode("[Round 1]\n\n问：你好\n\n答：")
+
+
 def pack_int4(values):
     """(out, in) integers in [-8, 7] → int8 (out, in/2): element 2j in the high nibble, 2j+1 in the low one."""
     nibbles = (values & 0xF).to(torch.uint8)
