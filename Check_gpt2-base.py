@@ -396,6 +396,9 @@ def stage_float32(model, batch, out):
     result.loss.backward()
     out["gradients32"] = gradients_of(model, torch.float32)
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the same batch as embeddings (what PEFT's prompt tuning and generate(inputs_embeds=) pass)
+        embeds = model.get_input_embeddings()(ids)
+        out["logits32_embeds"] = model(inputs_embeds=embeds, attention_mask=mask).logits.float().cpu()
 
 
 def forward_backward(model, batch, names, out, prefix=""):
@@ -405,13 +408,14 @@ def forward_backward(model, batch, names, out, prefix=""):
     trace = {}
     handles = record_trace(model, names, trace)
     try:
-        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=not prefix)
+        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=not prefix, output_attentions=not prefix)
     finally:
         remove(handles)
         out[prefix + "trace"] = trace
     out[prefix + "logits"] = result.logits.detach().cpu()
     if not prefix:
         out["hidden_states"] = [h.detach().cpu() for h in (result.hidden_states or ())]
+        out["attentions"] = [a.detach().cpu() for a in (result.attentions or ())]
     weighted_sum(result.logits, mask).backward()
     out[prefix + "gradients"] = gradients_of(model)
     model.zero_grad(set_to_none=True)
@@ -514,14 +518,27 @@ def stage_kv_cache(model, batch, out):
                      cache=cache_of(step), use_cache=True)
         cached.append(step.logits[:, -1])
     out["cached_logits"] = stack(cached)
-    # The same without position_ids and mask, on the unpadded row: the model must count the cached tokens.
-    row = ids[:1]
-    step = model(input_ids=row[:, :half], use_cache=True)
-    plain = [step.logits[:, -1]]
-    for t in range(half, row.shape[1]):
-        step = model(input_ids=row[:, t:t + 1], cache=cache_of(step), use_cache=True)
-        plain.append(step.logits[:, -1])
-    out["cached_logits_plain"] = stack(plain)
+    out["cached_logits_plain"] = plain_cached_logits(model, ids[:1], half)
+
+
+def plain_cached_logits(model, row, half):
+    """Without position_ids and mask, on an unpadded row, with the default attention (SDPA): the model must count
+    the cached tokens. After the first half, a chunk of 3 tokens goes in at once (each must see the cache and the
+    tokens before it in the chunk), then one token at a time."""
+    import torch
+
+    model.set_attn_implementation("sdpa")
+    try:
+        step = model(input_ids=row[:, :half], use_cache=True)
+        plain, t = [step.logits[:, -1:]], half
+        while t < row.shape[1]:
+            size = 3 if t == half else 1
+            step = model(input_ids=row[:, t:t + size], cache=cache_of(step), use_cache=True)
+            plain.append(step.logits)
+            t += size
+    finally:
+        model.set_attn_implementation("eager")
+    return torch.cat(plain, 1).cpu()
 
 
 def stack(tensors):
@@ -724,7 +741,7 @@ def compare(ref, cand, inputs):
     name, measured, tolerance, note = parameter_row(ref, cand)
     row(name, measured, tolerance, note, "parameters")
     f32 = TOLERANCE["float32"]
-    tensor_row("float32: logits, padded batch", "logits32", real, f32, "float32", culprit)
+    rows.append(logits32_row(ref, cand, real, f32, errors.get("float32"), culprit))
     loss_ok = isinstance(cand.get("loss32"), torch.Tensor) and cand["loss32"].shape == ref["loss32"].shape
     loss_diff = abs(float(ref["loss32"]) - float(cand["loss32"])) if loss_ok else math.inf
     row("float32: loss (labels, -100 ignored)", loss_diff, LOSS_TOLERANCE * max(1.0, abs(float(ref["loss32"]))), "",
@@ -758,6 +775,20 @@ def compare(ref, cand, inputs):
     return rows
 
 
+def logits32_row(ref, cand, real, rel, crash, culprit):
+    """float32 logits of the padded batch, given as token ids and given as embeddings (inputs_embeds)."""
+    diff, tol = max_diff(ref["logits32"], cand.get("logits32"), real, rel)
+    embeds, _ = max_diff(ref["logits32"], cand.get("logits32_embeds"), real, rel)
+    measured = max(diff, embeds)
+    note = "" if embeds <= tol else "wrong when called with inputs_embeds"
+    if measured > tol and crash:
+        note = f"crashed: {crash}"
+    elif diff > tol and culprit:
+        note = f"first divergence: {culprit}"
+    return {"check": "float32: logits, padded batch (ids; inputs_embeds)", "passed": measured <= tol,
+            "measured": measured, "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
+
+
 def module_row(name, ref_outputs, cand_outputs, where, low, crash):
     """The worst module, each held to its own tolerance (float32's where that module computes in float32)."""
     cand_outputs = cand_outputs or {}
@@ -783,7 +814,15 @@ def hidden_states_row(ref, cand, real, rel, culprit):
         (f"; first divergence: {culprit}" if culprit else "")
     if len(cand_hidden) != len(ref_hidden):
         measured, note = math.inf, f"{len(cand_hidden)} hidden states instead of {len(ref_hidden)}"
-    return {"check": "float64: hidden states, every layer", "passed": measured <= tol, "measured": measured,
+    ref_att, cand_att = ref["attentions"], cand.get("attentions") or []
+    queries = real[:, None, :, None].expand(-1, ref_att[0].shape[1], -1, ref_att[0].shape[-1]) if ref_att else None
+    for i, a in enumerate(ref_att):  # output_attentions=True: the attention probabilities of every layer
+        diff, a_tol = max_diff(a, cand_att[i] if i < len(cand_att) else None, queries, rel)
+        if ratio_of(diff, a_tol) > ratio_of(measured, tol):
+            measured, tol = diff, a_tol
+        if diff > a_tol and not note:
+            note = f"attentions[{i}] (output_attentions=True) differ"
+    return {"check": "float64: hidden states and attentions, every layer", "passed": measured <= tol, "measured": measured,
             "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
 
 
@@ -801,7 +840,8 @@ def kv_cache_row(ref, cand, real, rel, crash):
     diff, tol = max_diff(ref["full_logits_positions"], cand.get("cached_logits"), real, rel)
     plain, plain_tol = max_diff(ref["full_logits_positions"][:1], cand.get("cached_logits_plain"), None, rel)
     measured = max(diff, plain * tol / plain_tol)
-    note = "" if plain <= plain_tol else "wrong without position_ids: positions must continue after the cached tokens"
+    note = "" if plain <= plain_tol else ("wrong without position_ids (SDPA; 3 tokens at once, then 1 by 1): positions "
+                                          "and the causal mask must continue after the cached tokens")
     if crash and measured > tol:
         note = f"crashed: {crash}"
     return {"check": "float32: KV-cache decoding = full forward", "passed": measured <= tol, "measured": measured,
