@@ -453,7 +453,7 @@ def build_tokenizer(src, config=None):
     backend.post_processor = processors.TemplateProcessing(
         single=f"{gmask} {sop} $A", pair=f"{gmask} {sop} $A $B {eos_piece}",
         special_tokens=[(gmask, first + 1), (sop, first + 3), (eos_piece, eos_id)])
-    backend.decoder = sentencepiece_decoder(proto, invisible=names + [p.piece for p in proto.pieces if p.type in (2, 3)])
+    backend.decoder = sentencepiece_decoder(proto, invisible=names + controls)
 
     unk_id = proto.trainer_spec.unk_id
     tokenizer = PreTrainedTokenizerFast(
