@@ -28,6 +28,15 @@ DEFAULT_REFERENCE = ROOT / "gpt2" / "modeling_gpt2.py"
 DEFAULT_SPEC = Path(__file__).resolve().parent / "mask_spec.toml"
 DEFAULT_OUT = ROOT / "out" / "handout"
 MASK = "[MASK]"
+# Put on top of the handout (comments only); fill_handout() takes it off again, so the key still gives the reference.
+HANDOUT_NOTE = """\
+# Task 4 handout: fill in every blank, then check your file:  python Check_gpt2-base.py --file THIS_FILE
+# Dropout is part of the answer. The checker also runs a train-mode forward and backward with a fixed seed and
+# expects each dropout exactly where transformers' GPT-2 has it: after the embeddings (wte + wpe), on the attention
+# probabilities (after the softmax, before multiplying by V), after the attention's c_proj, after the MLP's c_proj.
+# A missing, extra or moved dropout fails, and so does a dropout that is active in eval mode.
+
+"""
 
 
 class HandoutError(Exception):
@@ -144,6 +153,9 @@ def build_handout(reference_text, spec):
 
 def fill_handout(handout_text, answers):
     """Put the answers into the [MASK]s, in order. fill_handout(*build_handout(ref)) == ref, byte for byte."""
+    for note in (HANDOUT_NOTE, HANDOUT_NOTE.replace("\n", "\r\n")):
+        if handout_text.startswith(note):
+            handout_text = handout_text[len(note):]
     pieces = handout_text.split(MASK)
     if len(pieces) - 1 != len(answers):
         raise HandoutError(f"the handout has {len(pieces) - 1} [MASK]s but {len(answers)} answers were given")
@@ -156,7 +168,8 @@ def make(reference_path=DEFAULT_REFERENCE, spec_path=DEFAULT_SPEC):
     if not reference_path.is_file():
         raise HandoutError(f"no such reference file: {reference_path}")
     reference = reference_path.read_bytes().decode("utf-8")
-    handout, slots = build_handout(reference, load_spec(spec_path))
+    handout, slots = build_handout(reference, load_spec(spec_path))  # slots' "line": the reference's line number
+    handout = (HANDOUT_NOTE.replace("\n", "\r\n") if "\r\n" in reference else HANDOUT_NOTE) + handout
     if fill_handout(handout, [s["answer"] for s in slots]) != reference:  # cannot happen; never hand out a bad key
         raise HandoutError("internal error: the answer key does not reproduce the reference")
     key = {

@@ -62,6 +62,19 @@ def test_default_handout_masks_every_part_and_round_trips(made):
     assert reference == MODELING.read_bytes().decode("utf-8")
     assert make_handout.fill_handout(handout, [s["answer"] for s in slots]).encode() == MODELING.read_bytes()
     assert [s["line"] for s in slots] == sorted(s["line"] for s in slots)
+    assert handout.startswith(make_handout.HANDOUT_NOTE) and "Dropout is part of the answer" in handout
+
+
+def test_a_completed_handout_that_keeps_the_note_reads_back_and_loads(made, tmp_path):
+    _reference, handout, key = made
+    answers = [s["answer"] for s in key["slots"]]
+    completed = make_handout.HANDOUT_NOTE + make_handout.fill_handout(handout, answers)  # what a student hands in
+    assert [grade.canonical(f) for f in grade.extract_fills(handout, completed)] == [grade.canonical(a) for a in answers]
+    path = tmp_path / "modeling_gpt2.py"
+    path.write_text(completed)
+    from gpt2_helpers import load_checker
+
+    assert hasattr(load_checker().load_module(path), "GPT2LMHeadModel")  # no [MASK] left: the note has none
 
 
 def test_round_trip_is_byte_exact_with_crlf_and_no_final_newline(tmp_path):
