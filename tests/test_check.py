@@ -147,6 +147,7 @@ WRONG_VARIANTS = [
     ("labels padded with token 0, not -100", [("F.pad(labels, (0, 1), value=-100)", "F.pad(labels, (0, 1), value=0)")]),
     ("query/key/value without c_attn's bias", [("self.c_attn(hidden_states).split(width, dim=2)",
                                                 "(hidden_states @ self.c_attn.weight).split(width, dim=2)")]),
+    ("mask value of float64 (-inf in float32: NaN on padded rows)", [("torch.finfo(scores.dtype).min)", "torch.finfo(torch.float64).min)")]),
     ("no position embeddings when given inputs_embeds", [("self.drop(inputs_embeds + self.wpe(position_ids))",
                                                           "self.drop(inputs_embeds + (self.wpe(position_ids) if input_ids is not None else 0))")]),
     ("no mask for a chunk after the cache (SDPA causal from the top left)", [
