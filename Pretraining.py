@@ -8,8 +8,8 @@ What it does, top to bottom:
      (GPT-2's from model/gpt2-base, or a byte-level BPE / a character vocabulary trained on your corpus),
      tokenizes everything once into a cached memmap (`<out>/data/`) and splits it into train / val;
   2. builds a GPT2Config (`--size tiny|baby|small|124M` or explicit --n-layer/--n-head/--n-embd/--block-size);
-  3. trains with AdamW (weight decay only on matrices), warmup + cosine decay, gradient accumulation,
-     gradient clipping, bf16/fp16 autocast, optional torch.compile;
+  3. trains with AdamW (fused; weight decay only on matrices), warmup + cosine decay, gradient accumulation,
+     gradient clipping, bf16 (on a CPU: bf16 weights with an fp32 master copy) or fp16, optional torch.compile;
   4. every --eval-interval steps: val loss, a generated sample, a checkpoint (`<out>/ckpt.pt`, written
      atomically) and the loss curve (`<out>/loss_curve.png`); `--resume` continues after a crash;
   5. at the end: `save_pretrained` model + tokenizer in `--out`, and `metrics.json`.
@@ -92,7 +92,7 @@ def parse_args(argv=None):
     g.add_argument("--beta2", type=float, default=0.99)
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision (auto: GPU bf16, else fp16; CPU bf16 from 256 wide if it has bf16 units, else fp32)")
+                   help="precision (auto: GPU bf16, else fp16; CPU bf16 from 256 wide if it has bf16 units, else fp32)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--autocast", action="store_true",
                    help="CPU bf16 by autocast over fp32 weights (default: bf16 weights with an fp32 master copy, faster)")

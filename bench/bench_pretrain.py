@@ -217,20 +217,28 @@ def part2(args, text_path, work):
              "--sample-tokens", 0, "--warmup-steps", 5, *tok_args]
     variants = [("fp32", ["--dtype", "fp32"]), ("bf16", ["--dtype", "bf16"]),
                 ("bf16 autocast", ["--dtype", "bf16", "--autocast"])]
-    results = {}
-    for name, extra in variants:
-        print(f"  124M {name}: {args.steps} steps ...", flush=True)
-        results[name] = run_ours(text_path, os.path.join(work, "124M-" + name.replace(" ", "-")), args.steps,
-                                 [*shape, *extra])
-    with open(os.path.join(work, "124M-fp32", "config.json")) as f:
+    results, runs = {}, {name: [] for name, _ in variants}
+    for r in range(args.repeats):  # alternate the order: fp32, bf16, autocast, then the reverse
+        for name, extra in (variants if r % 2 == 0 else variants[::-1]):
+            print(f"  124M {name}, run {r + 1}/{args.repeats}: {args.steps} steps ...", flush=True)
+            m = run_ours(text_path, os.path.join(work, f"124M-{name.replace(' ', '-')}-{r}"), args.steps, [*shape, *extra])
+            m["load"] = os.getloadavg()[0]
+            runs[name].append(m)
+            results.setdefault(name, m)
+    with open(os.path.join(work, "124M-fp32-0", "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     print(f"\n=== Part 2: one training step at GPT-2 124M's shape, batch 4 x 256, vocabulary {vocab:,} ===")
-    base = median_ms(results["fp32"]["step_seconds"][2:])
-    print(f"{'precision':14} {'s/step (median)':>15} {'vs fp32':>8} {'peak RSS GB':>12} {'loss@' + str(args.steps):>9}")
-    for name, m in results.items():
-        med = median_ms(m["step_seconds"][2:])
-        print(f"{name:14} {med / 1000:15.3f} {base / med:7.2f}x {m.get('peak_rss_mb', float('nan')) / 1024:12.2f} "
-              f"{m['history']['train'][-1][1]:9.4f}")
+    print("(step times: the steps after the first two, of all runs; 'fastest' is the least disturbed by other work)")
+    step_times = {name: [t for m in ms for t in m["step_seconds"][2:]] for name, ms in runs.items()}
+    base, base_min = statistics.median(step_times["fp32"]), min(step_times["fp32"])
+    print(f"{'precision':14} {'s/step median':>13} {'vs fp32':>8} {'fastest':>8} {'vs fp32':>8} {'peak RSS GB':>12} "
+          f"{'loss@' + str(args.steps):>9}  load")
+    for name, ts in step_times.items():
+        med, fast = statistics.median(ts), min(ts)
+        m = runs[name][0]
+        print(f"{name:14} {med:13.3f} {base / med:7.2f}x {fast:8.3f} {base_min / fast:7.2f}x "
+              f"{(m.get('peak_rss_mb') or float('nan')) / 1024:12.2f} {m['history']['train'][-1][1]:9.4f}  "
+              + "/".join(f"{x['load']:.1f}" for x in runs[name]))
     losses = {name: [loss for _, loss in m["history"]["train"]] for name, m in results.items()}
     print("train loss per step (same weights at step 0, same batches):")
     print("step " + "".join(f"{name:>15}" for name in losses))
@@ -262,8 +270,8 @@ def main():
     p.add_argument("--text", help="corpus file (default: 1.1 MB of English Wikipedia from gensim's test data)")
     p.add_argument("--part", type=int, choices=[1, 2], help="run only this part")
     p.add_argument("--iters", type=int, default=2000, help="baby-GPT iterations (nanoGPT README: 2000)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each script in part 1, alternating")
-    p.add_argument("--steps", type=int, default=30, help="training steps per precision in part 2")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each script (part 1) or precision (part 2), alternating")
+    p.add_argument("--steps", type=int, default=16, help="training steps per precision in part 2")
     p.add_argument("--plot", help="save part 2's loss curves to this PNG")
     args, _ = p.parse_known_args()
     work = tempfile.mkdtemp(prefix="bench_pretrain_")
