@@ -399,6 +399,12 @@ def stage_float32(model, batch, out):
     with torch.no_grad():  # the same batch as embeddings (what PEFT's prompt tuning and generate(inputs_embeds=) pass)
         embeds = model.get_input_embeddings()(ids)
         out["logits32_embeds"] = model(inputs_embeds=embeds, attention_mask=mask).logits.float().cpu()
+        # Only the last 3 positions' logits (generate() asks for 1), and the loss as Trainer computes it under
+        # gradient accumulation: the sum over this batch divided by the token count of the whole accumulated batch.
+        out["logits32_last3"] = model(input_ids=ids, attention_mask=mask, logits_to_keep=3).logits.float().cpu()
+        items = torch.tensor(int((labels[:, 1:] != -100).sum()) * 2 + 7, device=ids.device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+        out["loss32_items"] = loss.detach().float().cpu()
 
 
 def forward_backward(model, batch, names, out, prefix=""):
@@ -408,7 +414,8 @@ def forward_backward(model, batch, names, out, prefix=""):
     trace = {}
     handles = record_trace(model, names, trace)
     try:
-        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=not prefix, output_attentions=not prefix)
+        every_layer = not prefix  # (not in train mode)
+        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=every_layer, output_attentions=every_layer)
     finally:
         remove(handles)
         out[prefix + "trace"] = trace
@@ -742,10 +749,7 @@ def compare(ref, cand, inputs):
     row(name, measured, tolerance, note, "parameters")
     f32 = TOLERANCE["float32"]
     rows.append(logits32_row(ref, cand, real, f32, errors.get("float32"), culprit))
-    loss_ok = isinstance(cand.get("loss32"), torch.Tensor) and cand["loss32"].shape == ref["loss32"].shape
-    loss_diff = abs(float(ref["loss32"]) - float(cand["loss32"])) if loss_ok else math.inf
-    row("float32: loss (labels, -100 ignored)", loss_diff, LOSS_TOLERANCE * max(1.0, abs(float(ref["loss32"]))), "",
-        "float32", culprit)
+    rows.append(loss_row(ref, cand, errors.get("float32"), culprit))
     tensors_row("float32: gradients of every parameter", "gradients32", "float32", culprit,
                 TOLERANCE["float32 gradients"])
 
@@ -775,17 +779,39 @@ def compare(ref, cand, inputs):
     return rows
 
 
+def loss_row(ref, cand, crash, culprit):
+    """The float32 loss, plain and with Trainer's num_items_in_batch."""
+    import torch
+
+    def diff(key):
+        ok = isinstance(cand.get(key), torch.Tensor) and cand[key].shape == ref[key].shape
+        return abs(float(ref[key]) - float(cand[key])) if ok else math.inf
+
+    plain, items = diff("loss32"), diff("loss32_items")
+    tol = LOSS_TOLERANCE * max(1.0, abs(float(ref["loss32"])))
+    note = "" if items <= tol else "wrong with num_items_in_batch (Trainer's gradient accumulation)"
+    if max(plain, items) > tol and crash:
+        note = f"crashed: {crash}"
+    elif plain > tol and culprit:
+        note = f"first divergence: {culprit}"
+    measured = max(plain, items)
+    return {"check": "float32: loss (labels, -100 ignored; num_items_in_batch)", "passed": measured <= tol,
+            "measured": measured, "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
+
+
 def logits32_row(ref, cand, real, rel, crash, culprit):
-    """float32 logits of the padded batch, given as token ids and given as embeddings (inputs_embeds)."""
+    """float32 logits of the padded batch, given as token ids, as embeddings (inputs_embeds), and the last 3 only."""
     diff, tol = max_diff(ref["logits32"], cand.get("logits32"), real, rel)
     embeds, _ = max_diff(ref["logits32"], cand.get("logits32_embeds"), real, rel)
-    measured = max(diff, embeds)
+    last3, _ = max_diff(ref["logits32"][:, -3:], cand.get("logits32_last3"), real[:, -3:], rel)
+    measured = max(diff, embeds, last3)
     note = "" if embeds <= tol else "wrong when called with inputs_embeds"
+    note = note if last3 <= tol else "wrong with logits_to_keep=3"
     if measured > tol and crash:
         note = f"crashed: {crash}"
     elif diff > tol and culprit:
         note = f"first divergence: {culprit}"
-    return {"check": "float32: logits, padded batch (ids; inputs_embeds)", "passed": measured <= tol,
+    return {"check": "float32: logits, padded batch (ids; inputs_embeds; logits_to_keep)", "passed": measured <= tol,
             "measured": measured, "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
 
 
@@ -822,8 +848,8 @@ def hidden_states_row(ref, cand, real, rel, culprit):
             measured, tol = diff, a_tol
         if diff > a_tol and not note:
             note = f"attentions[{i}] (output_attentions=True) differ"
-    return {"check": "float64: hidden states and attentions, every layer", "passed": measured <= tol, "measured": measured,
-            "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
+    return {"check": "float64: hidden states and attentions, every layer", "passed": measured <= tol,
+            "measured": measured, "tolerance": tol, "ratio": ratio_of(measured, tol), "note": note}
 
 
 def sdpa_row(ref, cand, real, rel, crash):

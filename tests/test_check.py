@@ -196,6 +196,12 @@ WRONG_VARIANTS = [
         ('self.drop(inputs_embeds + self.wpe(position_ids))',
          'self.drop(inputs_embeds + (self.wpe(position_ids) if input_ids is not None else 0))'),
     ]),
+    ('num_items_in_batch: mean, then divided again', [
+        ('reduction = "sum" if num_items_in_batch is not None else "mean"', 'reduction = "mean"'),
+    ]),
+    ('logits_to_keep ignored', [
+        ('if isinstance(logits_to_keep, int) and logits_to_keep > 0:', 'if False:'),
+    ]),
     ('no mask for a chunk after the cache (SDPA causal from the top left)', [
         ('if attention_mask is None and (past_length == 0 or length == 1):',
          'if attention_mask is None:'),
