@@ -294,6 +294,23 @@ def test_bf16_base_loss_is_close_to_fp32(tiny_dir, tok):
     assert losses[torch.bfloat16].item() == pytest.approx(losses[torch.float32].item(), rel=2e-2)
 
 
+def test_memory_check_says_in_one_sentence_when_a_batch_cannot_fit(monkeypatch, capsys):
+    import psutil
+    free = types_namespace(available=6 * 2**30)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    sft.check_memory(4, 1024, bf16=True, checkpointing=False)  # the CPU default fits in 6 GB free...
+    with pytest.raises(SystemExit, match=r"^Error: batch 4 x 1024 tokens needs about [0-9.]+ GB of memory and 6.0 GB "
+                                         r"are free: use a smaller --batch-size .* or pass --gradient-checkpointing\.$"):
+        sft.check_memory(4, 1024, bf16=False, checkpointing=False)  # ...fp32 does not
+    sft.check_memory(4, 1024, bf16=False, checkpointing=True)
+    assert "GB free" in capsys.readouterr().out
+
+
+def types_namespace(**kwargs):
+    import types
+    return types.SimpleNamespace(**kwargs)
+
+
 def test_dump_dataset(tiny_dir, tok, tmp_path, capsys):
     out = tmp_path / "dump.jsonl"
     assert sft.main(train_argv(tiny_dir, tmp_path, "--dump-dataset", str(out))) == 0
