@@ -169,7 +169,7 @@ class Checkpoint:
                 if shard.suffix == ".safetensors":
                     self._open[shard] = safe_open(str(shard), framework="pt")
                 else:  # mmap: only the tensors we touch are read; weights_only: no pickled code runs
-                    self._open[shard] = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                    self._open[shard] = load_bin(shard)
             except Exception as error:
                 raise ConversionError(f"无法读取权重文件 {shard}（{str(error).splitlines()[0][:200]}）：文件可能不完整，请重新下载") from None
         return self._open[shard]
@@ -181,6 +181,16 @@ class Checkpoint:
     def close_shard(self, shard):
         """Drops a shard's memory map once its tensors are written, so resident memory does not add up."""
         self._open.pop(shard, None)
+
+
+def load_bin(shard):
+    """A pytorch_model*.bin shard, memory-mapped; one in torch's pre-1.6 format cannot be, so it is read whole."""
+    try:
+        return torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as error:
+        if "_use_new_zipfile_serialization" not in str(error):
+            raise
+        return torch.load(shard, map_location="cpu", weights_only=True)
 
 
 def unpack_int4(packed, scale):

@@ -193,7 +193,7 @@ def pack_int4(values):
 
 
 def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, bits=0, shards=1,
-                  fmt="safetensors", sp_settings="chatglm2-like", seed=0):
+                  fmt="safetensors", sp_settings="chatglm2-like", seed=0, legacy_last_shard=False):
     """A random ChatGLM2 in THUDM's layout (config.json, weights, tokenizer.model), and the GLM weights it must
     convert into: {native name: tensor}."""
     directory = Path(directory)
@@ -258,8 +258,8 @@ def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, 
         if fmt == "safetensors":
             from safetensors.torch import save_file
             save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, directory / file)
+        else:  # legacy_last_shard: torch's pre-1.6 format, which cannot be memory-mapped
+            torch.save(tensors, directory / file, _use_new_zipfile_serialization=not (legacy_last_shard and number == shards))
         weight_map.update({name: file for name in part})
     if shards > 1:
         (directory / f"{stem}.{suffix}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -267,7 +267,7 @@ def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, 
 
 
 @pytest.mark.parametrize("shape", [
-    dict(heads=3, groups=1, head_dim=8, hidden=20, ffn=36, bits=0, shards=3, fmt="bin"),
+    dict(heads=3, groups=1, head_dim=8, hidden=20, ffn=36, bits=0, shards=3, fmt="bin", legacy_last_shard=True),
     dict(heads=4, groups=4, head_dim=4, hidden=16, ffn=24, bits=4, shards=2, fmt="safetensors",
          sp_settings="unigram"),
     dict(heads=2, groups=2, head_dim=8, hidden=16, ffn=32, bits=8, shards=1, fmt="bin",
