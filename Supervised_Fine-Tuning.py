@@ -456,9 +456,13 @@ def head_loss_sum(hidden, weight, targets):
             logits = (h @ w.t()).float()  # the softmax over 50k entries in fp32, as the model's loss does
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not hidden.requires_grad:  # evaluation: the loss is all that is needed
+                continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1  # d(loss)/d(logits) = softmax - one_hot
             grad[s:s + LOSS_SLICE] = (probs.to(w.dtype) @ w).to(grad.dtype)
+    if not hidden.requires_grad:
+        return total
     surrogate = (hidden.float() * grad.float()).sum()
     return total + (surrogate - surrogate.detach())
 
