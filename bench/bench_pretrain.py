@@ -8,8 +8,8 @@ warmup 100, beta2 0.99, dropout 0, eval on 20 batches, fp32). Printed: median ti
 both final models scored on the same held-out text (every 64-character window, not 20 random batches).
 
 Part 2: one Pretraining.py training step at GPT-2 124M's shape (12 layers, 12 heads, 768 wide, GPT-2's 50,257
-token vocabulary from ../shared/gpt2-tokenizer or model/gpt2-base, batch 4 x 256) in fp32, in bf16 (bf16 weights,
-fp32 master copy: the CPU default for bf16) and in bf16 by autocast (--autocast); median step time, ratios,
+token vocabulary from ../shared/gpt2-tokenizer or model/gpt2-base, batch 4 x 256) in fp32, in bf16 by autocast
+(the default) and in bf16 with bf16 weights and an fp32 master copy (--master-weights); median step time, ratios,
 peak memory, and the loss of every step side by side (same initial weights, same batches).
 
 The text: --text FILE, or by default 1,115,394 characters (tiny Shakespeare's length) of English Wikipedia
@@ -145,7 +145,7 @@ def score_both(text, nanogpt, nano_out, ours_out):
     tok = AutoTokenizer.from_pretrained(ours_out)
     ours = GPT2LMHeadModel.from_pretrained(ours_out).eval()  # stock transformers loads our output
     ours_loss = heldout_loss(lambda xb: ours(input_ids=xb).logits, tok(tail)["input_ids"], BABY["block_size"])
-    return nano_loss, ours_loss, ckpt["iter_num"]
+    return nano_loss, ours_loss, ckpt["iter_num"], len(tail)
 
 
 def nano_forward_hidden(model, idx):
@@ -195,8 +195,8 @@ def part1(args, text, text_path, work):
     print(f"val loss at {args.iters} (each script's own 20-batch estimate, mean of runs): "
           f"Pretraining.py {vals[0]:.4f}, nanoGPT {vals[1]:.4f}")
     scores = [score_both(text, args.nanogpt, n["out"], o["out"]) for n, o in zip(runs["nanoGPT"], runs["Pretraining.py"])]
-    for i, (nano_loss, ours_loss, nano_iter) in enumerate(scores):
-        print(f"same held-out text ({len(text) // 10:,} characters), run {i + 1}: Pretraining.py {ours_loss:.4f}, "
+    for i, (nano_loss, ours_loss, nano_iter, n_chars) in enumerate(scores):
+        print(f"same held-out text ({n_chars:,} characters), run {i + 1}: Pretraining.py {ours_loss:.4f}, "
               f"nanoGPT {nano_loss:.4f} (its best checkpoint, iteration {nano_iter})")
     for who, ms in runs.items():
         print(f"val curve {who}, run 1:", ", ".join(f"{s}:{v:.3f}" for s, v in sorted(ms[0]["val"].items())))
@@ -215,10 +215,10 @@ def part2(args, text_path, work):
     tok_args = ["--tokenizer", tok_dir] if tok_dir else ["--tokenizer", "char"]
     shape = ["--size", "124M", "--block-size", 256, "--batch-size", 4, "--eval-interval", 0, "--eval-iters", 1,
              "--sample-tokens", 0, "--warmup-steps", 5, *tok_args]
-    variants = [("fp32", ["--dtype", "fp32"]), ("bf16", ["--dtype", "bf16"]),
-                ("bf16 autocast", ["--dtype", "bf16", "--autocast"])]
+    variants = [("fp32", ["--dtype", "fp32"]), ("bf16 autocast", ["--dtype", "bf16"]),
+                ("bf16 master", ["--dtype", "bf16", "--master-weights"])]
     results, runs = {}, {name: [] for name, _ in variants}
-    for r in range(args.repeats):  # alternate the order: fp32, bf16, autocast, then the reverse
+    for r in range(args.repeats):  # alternate the order: fp32, autocast, master, then the reverse
         for name, extra in (variants if r % 2 == 0 else variants[::-1]):
             print(f"  124M {name}, run {r + 1}/{args.repeats}: {args.steps} steps ...", flush=True)
             m = run_ours(text_path, os.path.join(work, f"124M-{name.replace(' ', '-')}-{r}"), args.steps, [*shape, *extra])
@@ -245,7 +245,7 @@ def part2(args, text_path, work):
     for i in range(len(losses["fp32"])):
         if i < 5 or (i + 1) % 5 == 0:
             print(f"{i + 1:4} " + "".join(f"{losses[name][i]:15.4f}" for name in losses))
-    for name in ("bf16", "bf16 autocast"):
+    for name in ("bf16 autocast", "bf16 master"):
         diff = [abs(a - b) for a, b in zip(losses[name], losses["fp32"])]
         print(f"{name} - fp32: max |difference| {max(diff):.4f}, mean over the last 10 steps "
               f"{statistics.mean(a - b for a, b in zip(losses[name][-10:], losses['fp32'][-10:])):+.4f}")

@@ -144,10 +144,11 @@ def test_bpe_on_chinese_and_jsonl_with_a_bad_record(tmp_path, capsys):
     assert HFGPT2.from_pretrained(out).config.eos_token_id == tok.eos_token_id
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16 on a CPU: bf16 weights with an fp32 master copy
-def test_killed_run_resumes_to_the_same_result(tmp_path, dtype):
+@pytest.mark.parametrize("precision", [["--dtype", "fp32"], ["--dtype", "bf16", "--master-weights"]],
+                         ids=["fp32", "bf16-master-weights"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, precision):
     common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 8, "--eval-interval", 0,
-              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY, "--dtype", dtype]
+              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY, *precision]
     full, broken = tmp_path / "full", tmp_path / "broken"
     # All three runs in subprocesses with the same thread count, so the arithmetic is bit-for-bit the same.
     r = run_subprocess(*common, "--out", full)
@@ -282,14 +283,15 @@ def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
 
 
 def test_bf16_training_follows_the_fp32_loss_curve(tmp_path):
-    """CPU bf16 (bf16 weights, fp32 master) learns like fp32: same data and initial weights, close losses."""
+    """CPU bf16 (autocast, or bf16 weights + fp32 master) learns like fp32: same data and initial weights."""
     common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 20, "--eval-interval", 0, "--lr", "3e-3", *TINY]
     curves = {}
-    for dtype in ("fp32", "bf16"):
-        run_inprocess(*common, "--dtype", dtype, "--out", tmp_path / dtype)
-        curves[dtype] = [loss for _, loss in metrics(tmp_path / dtype)["history"]["train"]]
-        assert metrics(tmp_path / dtype)["dtype"] == dtype
+    for name, extra in (("fp32", ["--dtype", "fp32"]), ("autocast", ["--dtype", "bf16"]),
+                        ("master", ["--dtype", "bf16", "--master-weights"])):
+        run_inprocess(*common, *extra, "--out", tmp_path / name)
+        curves[name] = [loss for _, loss in metrics(tmp_path / name)["history"]["train"]]
     assert curves["fp32"][0] > curves["fp32"][-1] + 1.0  # it learns
     # bf16 keeps 8 bits of mantissa: each step's loss agrees to about 1%, and the run ends where fp32 ends.
-    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.02)
-    assert curves["bf16"] != curves["fp32"]  # it really computed in bf16
+    for name in ("autocast", "master"):
+        assert curves[name] == pytest.approx(curves["fp32"], rel=0.02), name
+        assert curves[name] != curves["fp32"], name  # it really computed in bf16
