@@ -4,7 +4,6 @@ The tokenizer is a byte-level BPE trained here on the team's ShareGPT sample (da
 the model is a random 2-layer GPT-2. Both are saved with save_pretrained so the scripts' real loading code runs.
 """
 import importlib.util
-import io
 import json
 import re
 import signal
@@ -500,17 +499,6 @@ def test_stdin_turns_and_commands(parrot_dir, tmp_path):
     assert "**chatgpt2-base:** pong" in saved.read_text(encoding="utf-8")
 
 
-def test_reply_stream_never_prints_the_next_user_turn(tok):
-    out = io.StringIO()
-    stream = chat.ReplyStream(tok, prompt_len=0, user_prefix="Human:", out=out)
-    stream.put(torch.tensor([1, 2]))  # the prompt: ignored
-    for t in tok(" pong\nHuman: again")["input_ids"]:
-        stream.put(torch.tensor([t]))
-        assert "H" not in out.getvalue()
-    stream.end()
-    assert out.getvalue() == "pong" and stream.reply() == "pong"
-
-
 def test_chat_with_adapter_and_compare(trained, tiny_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -532,23 +520,6 @@ def test_chat_with_adapter_and_compare(trained, tiny_dir, tmp_path, capsys):
     text = md.read_text(encoding="utf-8")
     assert f"**chatgpt2-base (base GPT-2):** {base_reply}\n" in text
     assert f"**chatgpt2-base (fine-tuned):** {tuned_reply}\n" in text
-
-
-def test_history_is_trimmed_to_fit_the_window(tok):
-    system = {"role": "system", "content": "Be brief."}
-    messages = [system]
-    for i in range(4):
-        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
-    messages.append({"role": "user", "content": "Last question?"})
-    render = lambda m: tok.apply_chat_template(m, add_generation_prompt=True, return_dict=False)
-    ids, used = chat.prompt_ids(tok, messages, len(render(messages)))
-    assert used == messages and ids == render(messages)
-    # One token too many: the oldest question and its answer go, the system prompt stays.
-    ids, used = chat.prompt_ids(tok, messages, len(render(messages)) - 1)
-    assert used == [system] + messages[3:] and ids == render(used)
-    # Far too little room: system prompt + the question, and of those only the end (with the generation prompt).
-    ids, used = chat.prompt_ids(tok, messages, 8)
-    assert used == [system, messages[-1]] and ids == render(used)[-8:]
 
 
 def test_chat_missing_adapter_is_one_sentence(tiny_dir, tmp_path):
