@@ -38,6 +38,7 @@ def test_steps_on_cpu_fill_the_reports(tmp_path):
     assert not failed and run.returncode == 0, (failed, run.stdout[-2000:])
     assert rows["nccl"]["status"] == "SKIP" and "2 GPUs" in rows["nccl"]["detail"]
     assert "loss" in rows["sft-bf16"]["detail"] and "stock PEFT" in rows["sft-bf16"]["detail"]
+    assert "real tokens/s" in rows["sft-bf16"]["detail"]
     assert "tokens/s" in rows["pretrain"]["detail"] and "MFU" in rows["pretrain"]["detail"]
     assert "fp16 max abs diff" in rows["chatglm2-4bit"]["detail"]
     assert "streaming equals non-streaming" in rows["api"]["detail"]
