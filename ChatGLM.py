@@ -199,6 +199,7 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False):
         plan = {}
         if is_chatglm(name, config) and not is_chatglm_v1(name, config):  # ChatGLM2: native, no remote code
             source, local_only = chatglm2_native(source, local_only, wanted), True
+        if (Path(source) / convert_chatglm2.FORMAT_NOTE).is_file():  # a converted ChatGLM2, also when given directly
             plan, note = convert_chatglm2.loading_plan(source, device, dtype)  # fp16/bf16 if it fits, else NF4
             print(note, file=sys.stderr)
         if is_chatglm(name, config) and not plan:

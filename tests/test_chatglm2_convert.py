@@ -483,3 +483,13 @@ def test_ask_converts_once_then_chats(tmp_path):
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert second.returncode == 0 and "使用已转换的" in second.stderr and second.stdout == first.stdout
     assert not marker.exists()
+
+
+@needs_fixtures
+def test_a_converted_directory_given_directly_gets_the_same_loading_plan(converted, capsys):
+    """`--model model/chatglm2-6b-int4-glm` chooses its precision like the original directory (bf16 on a CPU,
+    with the memory it needs said first), instead of the generic path's float32."""
+    import ChatGLM
+    out, _ = converted[NAMES[0]]
+    model, _, _ = ChatGLM.load_model(str(out), device="cpu")
+    assert model.dtype == torch.bfloat16 and "GB" in capsys.readouterr().err
