@@ -144,20 +144,28 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def choose_dtype(args, device, n_embd):
+def cpu_has_bf16_units():
+    """AVX512-BF16 or AMX: without them (most laptops, AMD before Zen 4) bf16 matrix products are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_dtype(args, device, n_embd, log=print):
+    on_cpu = not device.startswith("cuda")
     if args.dtype != "auto":
-        if args.dtype == "fp16" and not device.startswith("cuda"):
+        if args.dtype == "fp16" and on_cpu:
             raise UserError("fp16 autocast needs a GPU; on a CPU use --dtype bf16 or fp32.")
+        if args.dtype == "bf16" and on_cpu and not cpu_has_bf16_units():
+            log("Note: this CPU has no bf16 units (AVX512-BF16/AMX): bf16 runs emulated, many times slower than "
+                "fp32 (--dtype auto picks fp32 here).")
         return args.dtype
-    if device.startswith("cuda"):
+    if not on_cpu:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # On a CPU, bf16 pays off only where the CPU has bf16 units (AVX512-BF16 / AMX) and the matrices are
     # wide enough to hide the casts (bench/bench_pretrain.py measures it); small models stay fp32.
-    try:
-        cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        cpu_bf16 = False
-    return "bf16" if cpu_bf16 and n_embd >= 256 else "fp32"
+    return "bf16" if cpu_has_bf16_units() and n_embd >= 256 else "fp32"
 
 
 def peak_flops(args, device, dtype):
@@ -629,7 +637,7 @@ def train(args):
     raw_model = model
     n_params = sum(p.numel() for p in model.parameters())
     use_fused_gelu(model)
-    dtype = choose_dtype(args, device, config.n_embd)
+    dtype = choose_dtype(args, device, config.n_embd, log)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     # --master-weights (CPU bf16): a bf16 copy computes, the fp32 model is updated (MasterWeights); else autocast.
     mixed = dtype == "bf16" and device == "cpu" and args.master_weights

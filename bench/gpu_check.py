@@ -139,8 +139,8 @@ def step_sft(ctx, precision):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}-checkpoints", ignore_errors=True)
     quant = "none" if ctx.tiny else "4bit"
-    if ctx.device == "cpu" and precision == "fp16":
-        precision = "fp32"  # mixed fp16 needs CUDA; on the CPU the step checks the rest of the path
+    if ctx.device == "cpu" and (precision == "fp16" or not cpu_has_bf16_units()):
+        precision = "fp32"  # mixed fp16 needs CUDA, bf16 units the CPU; on a CPU the step checks the rest of the path
     steps, batch = (12 if ctx.tiny else 30), 4
     common = ["--model", ctx.gpt2, "--data", ctx.sft_data, "--max-length", 256 if ctx.tiny else 1024, "--eval-size", 0]
     run([PY, "Supervised_Fine-Tuning.py", *common, "--output", out, "--quant", quant, "--precision", precision,
@@ -176,18 +176,28 @@ def step_sft(ctx, precision):
             "adapter loads with stock PEFT on the CPU")
 
 
+def cpu_has_bf16_units():
+    """Without AVX512-BF16/AMX a CPU emulates bf16 (many times slower than fp32): the CPU run then uses fp32."""
+    import torch
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def step_pretrain(ctx):
     out = ctx.work / "pretrain"
     shutil.rmtree(out, ignore_errors=True)
     size = ["--size", "tiny"] if ctx.tiny else ["--size", "124M"]
+    dtype = "bf16" if ctx.device == "cuda" or cpu_has_bf16_units() else "fp32"
     cmd = [PY, "Pretraining.py", "--data", ctx.text, "--tokenizer", "gpt2", "--tokenizer-path", TOKENIZER, *size,
-           "--out", out, "--max-steps", 20 if ctx.tiny else 100, "--batch-size", 8, "--dtype", "bf16",
+           "--out", out, "--max-steps", 20 if ctx.tiny else 100, "--batch-size", 8, "--dtype", dtype,
            "--eval-interval", 50, "--eval-iters", 5, "--no-progress", "--device", ctx.device]
     if not ctx.tiny:
         cmd.append("--compile")
     run(cmd, ctx.log, 420, env={"HF_HUB_OFFLINE": "1"})
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return (f"bf16{' + torch.compile' if not ctx.tiny else ''}, {m['steps']} steps: {m['tokens_per_s']:,.0f} tokens/s, "
+    return (f"{dtype}{' + torch.compile' if not ctx.tiny else ''}, {m['steps']} steps: {m['tokens_per_s']:,.0f} tokens/s, "
             f"MFU {m['mfu']:.1%}, val loss {m['final_val_loss']:.3f}")
 
 
