@@ -454,11 +454,14 @@ def head_loss_sum(hidden, weight, targets):
         for s in range(0, hidden.size(0), LOSS_SLICE):
             h, t = hidden[s:s + LOSS_SLICE], targets[s:s + LOSS_SLICE]
             logits = (h @ w.t()).float()  # the softmax over 50k entries in fp32, as the model's loss does
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: a slice of logits is 206 MB, each pass over it counts
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += (top.squeeze(1) + sums.squeeze(1).log() - picked).sum()  # logsumexp - the target's logit
             if not hidden.requires_grad:  # evaluation: the loss is all that is needed
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs.div_(sums)  # softmax
             probs[torch.arange(len(t), device=t.device), t] -= 1  # d(loss)/d(logits) = softmax - one_hot
             grad[s:s + LOSS_SLICE] = (probs.to(w.dtype) @ w).to(grad.dtype)
     if not hidden.requires_grad:
@@ -597,6 +600,91 @@ def use_fused_gelu(model):
     for module in model.modules():
         if type(module).__name__ == "GPT2MLP":
             module.act = torch.nn.GELU(approximate="tanh")  # no parameters: the state dict is unchanged
+
+
+# On a CPU, PyTorch's dropout draws its mask with bernoulli_ (11% of a 124M training step here, more than the
+# attention), keeps it as a 4-byte float for the backward pass, and LoRA's dropout makes one more full copy of
+# each adapted layer's input for lora_A to keep. The functions below draw the same kind of mask from raw 64-bit
+# random numbers (16 bits per element: the drop probability is p rounded to 1/65536 and the scale is exactly
+# 1/(1 - that), so the expectation is unchanged), keep it as 1 byte, and fold LoRA's dropout into lora_A so the
+# input the base layer keeps anyway is all that is kept. tests/test_sft.py checks the values and gradients.
+# Only for CPU training: on a GPU PyTorch's own fused dropout already keeps a 1-byte mask.
+
+def keep_mask(like, p):
+    """(boolean mask keeping each element with probability 1 - p', scale 1/(1 - p')), p' = p rounded to 1/65536."""
+    import torch
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None)  # all 64 bits
+    drop = round(p * 65536)
+    keep = bits.view(torch.int16)[:n].view(like.shape) >= drop - 32768  # uniform int16: P(below) = drop / 65536
+    return keep, 65536 / (65536 - drop)
+
+
+def _dropout_functions():
+    import torch
+
+    class Dropout(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p):
+            keep, scale = keep_mask(x, p)
+            ctx.save_for_backward(keep)
+            ctx.scale = scale
+            return torch.where(keep, x * scale, 0.0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            keep, = ctx.saved_tensors
+            return torch.where(keep, grad * ctx.scale, 0.0), None
+
+    class DropoutLinear(torch.autograd.Function):
+        """dropout(x) @ weight.T, keeping x and the 1-byte mask instead of the dropped copy of x."""
+        @staticmethod
+        def forward(ctx, x, weight, p):
+            keep, scale = keep_mask(x, p)
+            ctx.save_for_backward(x, weight, keep)
+            ctx.scale = scale
+            # The scale goes onto the small (r x in) weight, not onto the wide input: one pass over x less.
+            return torch.where(keep, x, 0.0) @ (weight * scale).t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, keep = ctx.saved_tensors
+            grad_x = torch.where(keep, grad @ (weight * ctx.scale), 0.0) if ctx.needs_input_grad[0] else None
+            grad_w = None
+            if ctx.needs_input_grad[1]:
+                kept = torch.where(keep, x, 0.0)  # recomputed: one elementwise pass
+                grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])) * ctx.scale
+            return grad_x, grad_w, None
+
+    return Dropout, DropoutLinear
+
+
+def use_lean_dropout(model):
+    """Every dropout of the model (GPT-2's and LoRA's) as above. The state dict is unchanged: the adapter saved
+    is the same PEFT adapter; in eval mode everything is the identity, as before."""
+    import functools
+    import torch
+    from peft.tuners.lora import LoraLayer
+    Dropout, DropoutLinear = _dropout_functions()
+
+    def dropout_forward(module, x):
+        return Dropout.apply(x, module.p) if module.training and module.p > 0 else x
+
+    def lora_a_forward(linear, p, x):  # lora_A(lora_dropout(x)) in one step
+        if linear.training and p > 0:
+            return DropoutLinear.apply(x, linear.weight, p)
+        return torch.nn.functional.linear(x, linear.weight)
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for name, drop in list(layer.lora_dropout.items()):
+                linear = layer.lora_A[name]
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and linear.bias is None:
+                    linear.forward = functools.partial(lora_a_forward, linear, drop.p)
+                    layer.lora_dropout[name] = torch.nn.Identity()
+    for module in model.modules():
+        if type(module) is torch.nn.Dropout:  # GPT-2's residual / embedding dropouts
+            module.forward = functools.partial(dropout_forward, module)
 
 
 def add_lora(model, args, quant, gradient_checkpointing):
@@ -784,6 +872,8 @@ def main(argv=None, extra_callbacks=()):
     model = load_base_model(model_path, args.reference, quant, compute_dtype,
                             torch.bfloat16 if pure_bf16 else torch.float32, args.attn_dropout)
     model = add_lora(model, args, quant, checkpointing)
+    if not cuda:
+        use_lean_dropout(model)
     # While training, the model returns hidden states and assistant_loss applies the head only where needed.
     base = model.get_base_model()
     lm_head, head_weight = base.lm_head, base.lm_head.weight

@@ -274,6 +274,80 @@ def test_fast_loss_and_lora_gradients_equal_the_full_logits_computation(tiny_dir
             pytest.approx(loss_ref.item(), rel=1e-5)
 
 
+def test_keep_mask_drops_with_the_asked_probability_and_keeps_the_expectation():
+    x = torch.empty(400, 1000)
+    for p in (0.05, 0.1, 0.5):
+        torch.manual_seed(1)
+        keep, scale = sft.keep_mask(x, p)
+        dropped = 1 - keep.float().mean().item()
+        assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # within 4 standard deviations
+        assert keep.dtype == torch.bool and scale == pytest.approx(1 / (1 - p), rel=1e-4)
+        assert (keep.float() * scale).mean().item() == pytest.approx(1.0, abs=3e-3)  # E[mask * scale] = 1
+    torch.manual_seed(1)
+    again, _ = sft.keep_mask(x, 0.5)
+    assert torch.equal(again, keep)  # torch's generator: seeded runs (and resumed ones) draw the same masks
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lean_dropout_equals_plain_dropout_with_the_same_masks(tiny_dir, impl):
+    """use_lean_dropout (1-byte masks, LoRA's dropout folded into lora_A) against PEFT and GPT-2 running the
+    same masks with plain autograd: the loss and every LoRA gradient; eval mode is untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    def model(lean):
+        torch.manual_seed(0)
+        base = gpt2_class(impl).from_pretrained(tiny_dir, attn_pdrop=0.0, resid_pdrop=0.1, embd_pdrop=0.1)
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.2, target_modules=sft.LORA_TARGETS,
+                            fan_in_fan_out=True, init_lora_weights=False)
+        m = get_peft_model(base, config).train()
+        if lean:
+            sft.use_lean_dropout(m)
+        return m
+
+    masks = []  # the reference replays the masks the lean model drew, in the same order
+
+    def replay(module, args, output):  # forward hook on every nn.Dropout of the reference
+        if not module.training or module.p == 0:
+            return output
+        keep, scale = masks.pop(0)
+        return args[0] * keep * scale
+
+    recorded = sft.keep_mask
+
+    def recording(like, p):
+        keep, scale = recorded(like, p)
+        masks.append((keep, scale))
+        return keep, scale
+
+    ids = torch.randint(0, 200, (2, 24))
+    lean, reference = model(True), model(False)
+    assert lean.state_dict().keys() == reference.state_dict().keys()
+    sft.keep_mask = recording
+    try:
+        loss = lean(input_ids=ids, labels=ids).loss
+    finally:
+        sft.keep_mask = recorded
+    n_masks = len(masks)
+    assert n_masks == 1 + 2 * 2 + 4 * 2  # embeddings, 2 residual dropouts and 4 LoRA layers per block, 2 blocks
+    for module in reference.modules():
+        if type(module) is torch.nn.Dropout:
+            module.register_forward_hook(replay)
+    assert sum(type(m) is torch.nn.Dropout and m.p > 0 for m in reference.modules()) == n_masks
+    assert not any(isinstance(d, torch.nn.Dropout) for m in lean.modules() for d in getattr(m, "lora_dropout", {}).values())
+    loss.backward()
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    assert not masks  # every recorded mask was used once
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in lean.named_parameters() if p.requires_grad}
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    lean.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(lean(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def test_bf16_base_loss_is_close_to_fp32(tiny_dir, tok):
     """The CPU default: bf16 base weights (no fp32 copy), fp32 LoRA parameters; the loss within bf16 rounding."""
     conversations, _ = sft.load_conversations(SAMPLE)
