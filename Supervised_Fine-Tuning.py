@@ -669,12 +669,14 @@ def use_lean_dropout(model):
     Dropout, DropoutLinear = _dropout_functions()
 
     def dropout_forward(module, x):
-        return Dropout.apply(x, module.p) if module.training and module.p > 0 else x
+        if module.training and 0 < module.p < 1:
+            return Dropout.apply(x, module.p)
+        return torch.nn.functional.dropout(x, module.p, module.training)  # the identity in eval mode
 
     def lora_a_forward(linear, p, x):  # lora_A(lora_dropout(x)) in one step
-        if linear.training and p > 0:
+        if linear.training and p < 1:
             return DropoutLinear.apply(x, linear.weight, p)
-        return torch.nn.functional.linear(x, linear.weight)
+        return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, linear.training), linear.weight)
 
     for layer in model.modules():
         if isinstance(layer, LoraLayer):
