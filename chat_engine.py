@@ -340,7 +340,9 @@ class Paged:
 
     Per request it honours max_new_tokens, temperature, top_p and greedy decoding (top_k=1); requests with
     settings it cannot apply per request (seed, penalties, logprobs) go to Batched, which pauses this loop.
-    With sampling=False it decodes greedily only (argmax, no per-request processors: faster)."""
+    With sampling=False it decodes greedily only (argmax, no per-request processors: faster). With sampling=True a
+    greedy request is top_k=1, which keeps every token tied for the top score: under an exact tie (possible in
+    fp16/bf16 logits) it may take either; start a greedy server with --temperature 0 for the exact argmax."""
 
     def __init__(self, engine, max_batch, sampling=True):
         from transformers import ContinuousBatchingConfig

@@ -297,12 +297,17 @@ def wait_for(url, proc, seconds=180):
 
 
 def serve(ctx, mode):
-    """Start `ChatGLM.py --api` or `--web` on the converted fixture; returns (process, base url)."""
+    """Start `ChatGLM.py --api` or `--web` on the converted fixture; returns (process, base url).
+
+    --temperature 0: the scheduler takes the argmax. (A greedy request on a sampling scheduler is top_k=1, which
+    keeps every token tied for the top score: a tiny random model in bf16/fp16 has such ties, and then the streamed
+    and the whole answer could differ.)"""
     port = free_port()
     quant = [] if ctx.tiny else ["--dtype", "nf4"]
     log = open(ctx.log, "a", encoding="utf-8")
     proc = subprocess.Popen([PY, "ChatGLM.py", "--model", str(converted_chatglm2(ctx)), "--device", ctx.device,
-                             *quant, mode, "--port", str(port), "--max-new-tokens", "8"], cwd=ROOT, stdout=log,
+                             *quant, mode, "--port", str(port), "--max-new-tokens", "8", "--temperature", "0"],
+                            cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                            "GRADIO_ANALYTICS_ENABLED": "False"})
     return proc, f"http://127.0.0.1:{port}"
