@@ -144,11 +144,12 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def cpu_has_bf16_units():
-    """AVX512-BF16 or AMX: without them (most laptops, AMD before Zen 4) bf16 matrix products are emulated."""
+def cpu_supports_bf16():
+    """AVX512-BF16 or AMX (the same probe as the SFT script's): without them (most laptops, AMD before Zen 4)
+    bf16 matrix products are emulated."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
         return False
 
 
@@ -157,7 +158,7 @@ def choose_dtype(args, device, n_embd, log=print):
     if args.dtype != "auto":
         if args.dtype == "fp16" and on_cpu:
             raise UserError("fp16 autocast needs a GPU; on a CPU use --dtype bf16 or fp32.")
-        if args.dtype == "bf16" and on_cpu and not cpu_has_bf16_units():
+        if args.dtype == "bf16" and on_cpu and not cpu_supports_bf16():
             log("Note: this CPU has no bf16 units (AVX512-BF16/AMX): bf16 runs emulated, many times slower than "
                 "fp32 (--dtype auto picks fp32 here).")
         return args.dtype
@@ -165,7 +166,7 @@ def choose_dtype(args, device, n_embd, log=print):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # On a CPU, bf16 pays off only where the CPU has bf16 units (AVX512-BF16 / AMX) and the matrices are
     # wide enough to hide the casts (bench/bench_pretrain.py measures it); small models stay fp32.
-    return "bf16" if cpu_has_bf16_units() and n_embd >= 256 else "fp32"
+    return "bf16" if cpu_supports_bf16() and n_embd >= 256 else "fp32"
 
 
 def peak_flops(args, device, dtype):

@@ -139,8 +139,8 @@ def step_sft(ctx, precision):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}-checkpoints", ignore_errors=True)
     quant = "none" if ctx.tiny else "4bit"
-    if ctx.device == "cpu" and (precision == "fp16" or not cpu_has_bf16_units()):
-        precision = "fp32"  # mixed fp16 needs CUDA, bf16 units the CPU; on a CPU the step checks the rest of the path
+    if ctx.device == "cpu" and precision == "fp16":
+        precision = "fp32"  # mixed fp16 needs CUDA; on the CPU the step checks the rest of the path
     steps, batch = (12 if ctx.tiny else 30), 4
     common = ["--model", ctx.gpt2, "--data", ctx.sft_data, "--max-length", 256 if ctx.tiny else 1024, "--eval-size", 0]
     run([PY, "Supervised_Fine-Tuning.py", *common, "--output", out, "--quant", quant, "--precision", precision,
@@ -172,16 +172,18 @@ def step_sft(ctx, precision):
     run([PY, "-c", check, ctx.gpt2, out], ctx.log, 120, env={"CUDA_VISIBLE_DEVICES": ""})
     speed = metrics.get("real_tokens_per_s")
     speed = f", about {speed:,.0f} real tokens/s" if isinstance(speed, (int, float)) else ""
-    return (f"{quant} {precision}: loss {first:.3f} -> {last:.3f} (first/last 5 steps){speed}; "
+    # The precision it trained in: the script itself falls back to fp32 on a CPU without bf16 units.
+    return (f"{quant} {metrics.get('precision', precision)}: loss {first:.3f} -> {last:.3f} (first/last 5 steps){speed}; "
             "adapter loads with stock PEFT on the CPU")
 
 
-def cpu_has_bf16_units():
-    """Without AVX512-BF16/AMX a CPU emulates bf16 (many times slower than fp32): the CPU run then uses fp32."""
+def cpu_supports_bf16():
+    """Without AVX512-BF16/AMX a CPU emulates bf16 (many times slower than fp32): the CPU run then uses fp32.
+    (Pretraining.py runs an explicit --dtype bf16 anyway, emulated; the SFT script falls back by itself.)"""
     import torch
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
         return False
 
 
@@ -189,7 +191,7 @@ def step_pretrain(ctx):
     out = ctx.work / "pretrain"
     shutil.rmtree(out, ignore_errors=True)
     size = ["--size", "tiny"] if ctx.tiny else ["--size", "124M"]
-    dtype = "bf16" if ctx.device == "cuda" or cpu_has_bf16_units() else "fp32"
+    dtype = "bf16" if ctx.device == "cuda" or cpu_supports_bf16() else "fp32"
     cmd = [PY, "Pretraining.py", "--data", ctx.text, "--tokenizer", "gpt2", "--tokenizer-path", TOKENIZER, *size,
            "--out", out, "--max-steps", 20 if ctx.tiny else 100, "--batch-size", 8, "--dtype", dtype,
            "--eval-interval", 50, "--eval-iters", 5, "--no-progress", "--device", ctx.device]

@@ -289,7 +289,7 @@ def test_keep_mask_drops_with_the_asked_probability_and_keeps_the_expectation():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_lean_dropout_equals_plain_dropout_with_the_same_masks(tiny_dir, impl):
+def test_lean_dropout_equals_plain_dropout_with_the_same_masks(tiny_dir, impl, monkeypatch):
     """use_lean_dropout (1-byte masks, LoRA's dropout folded into lora_A) against PEFT and GPT-2 running the
     same masks with plain autograd: the loss and every LoRA gradient; eval mode is untouched."""
     from peft import LoraConfig, get_peft_model
@@ -322,11 +322,9 @@ def test_lean_dropout_equals_plain_dropout_with_the_same_masks(tiny_dir, impl):
     ids = torch.randint(0, 200, (2, 24))
     lean, reference = model(True), model(False)
     assert lean.state_dict().keys() == reference.state_dict().keys()
-    sft.keep_mask = recording
-    try:
-        loss = lean(input_ids=ids, labels=ids).loss
-    finally:
-        sft.keep_mask = recorded
+    monkeypatch.setattr(sft, "keep_mask", recording)
+    loss = lean(input_ids=ids, labels=ids).loss
+    monkeypatch.undo()
     n_masks = len(masks)
     assert n_masks == 1 + 2 * 2 + 4 * 2  # embeddings, 2 residual dropouts and 4 LoRA layers per block, 2 blocks
     for module in reference.modules():
