@@ -604,12 +604,15 @@ def use_fused_gelu(model):
 
 
 # On a CPU, PyTorch's dropout draws its mask with bernoulli_ (11% of a 124M training step here, more than the
-# attention), keeps it as a 4-byte float for the backward pass, and LoRA's dropout makes one more full copy of
-# each adapted layer's input for lora_A to keep. The functions below draw the same kind of mask from raw 64-bit
-# random numbers (16 bits per element: the drop probability is p rounded to 1/65536 and the scale is exactly
-# 1/(1 - that), so the expectation is unchanged), keep it as 1 byte, and fold LoRA's dropout into lora_A so the
-# input the base layer keeps anyway is all that is kept. tests/test_sft.py checks the values and gradients.
-# Only for CPU training: on a GPU PyTorch's own fused dropout already keeps a 1-byte mask.
+# attention) and keeps it as a 4-byte float for the backward pass. The functions below draw the same kind of mask
+# from raw 64-bit random numbers (16 bits per element: the drop probability is p rounded to 1/65536 and the scale
+# is exactly 1/(1 - that), so the expectation is unchanged) and keep it as 1 byte.
+# PEFT's LoRA layer costs more than its few parameters suggest: its dropout keeps one more full copy of each
+# adapted layer's input, and with a bf16 base it casts that input to the adapter's fp32 and the output back (a
+# quarter of a bf16 step here). use_lean_lora computes the same thing in the input's dtype (only the small
+# r-wide weights are cast), with the dropout folded into lora_A and lora_B's product added onto the base output
+# in one addmm. tests/test_sft.py checks the values and gradients against PEFT's own forward.
+# Only for CPU training: on a GPU PyTorch's own fused dropout already keeps a 1-byte mask, and autocast casts.
 
 def keep_mask(like, p):
     """(boolean mask keeping each element with probability 1 - p', scale 1/(1 - p')), p' = p rounded to 1/65536."""
@@ -638,56 +641,77 @@ def _dropout_functions():
             return torch.where(keep, grad * ctx.scale, 0.0), None
 
     class DropoutLinear(torch.autograd.Function):
-        """dropout(x) @ weight.T, keeping x and the 1-byte mask instead of the dropped copy of x."""
+        """dropout(x) @ weight.T in x's dtype, keeping x and the 1-byte mask instead of the dropped copy of x.
+        The weight (r x in, fp32) is cast to x's dtype; its gradient comes back in the weight's own dtype."""
         @staticmethod
         def forward(ctx, x, weight, p):
             keep, scale = keep_mask(x, p)
             ctx.save_for_backward(x, weight, keep)
             ctx.scale = scale
-            # The scale goes onto the small (r x in) weight, not onto the wide input: one pass over x less.
-            return torch.where(keep, x, 0.0) @ (weight * scale).t()
+            # The scale goes onto the small weight, not onto the wide input: one pass over x less.
+            return torch.where(keep, x, 0.0) @ (weight * scale).to(x.dtype).t()
 
         @staticmethod
         def backward(ctx, grad):
             x, weight, keep = ctx.saved_tensors
-            grad_x = torch.where(keep, grad @ (weight * ctx.scale), 0.0) if ctx.needs_input_grad[0] else None
-            grad_w = None
+            grad_x = grad_w = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.where(keep, grad @ (weight * ctx.scale).to(grad.dtype), 0.0)
             if ctx.needs_input_grad[1]:
                 kept = torch.where(keep, x, 0.0)  # recomputed: one elementwise pass
-                grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])) * ctx.scale
+                grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])).to(weight.dtype)
+                grad_w *= ctx.scale
             return grad_x, grad_w, None
 
     return Dropout, DropoutLinear
 
 
 def use_lean_dropout(model):
-    """Every dropout of the model (GPT-2's and LoRA's) as above. The state dict is unchanged: the adapter saved
-    is the same PEFT adapter; in eval mode everything is the identity, as before."""
+    """GPT-2's own dropouts (embeddings, residuals) with the 1-byte masks above; the identity in eval mode."""
     import functools
     import torch
-    from peft.tuners.lora import LoraLayer
-    Dropout, DropoutLinear = _dropout_functions()
+    Dropout, _ = _dropout_functions()
 
     def dropout_forward(module, x):
         if module.training and 0 < module.p < 1:
             return Dropout.apply(x, module.p)
-        return torch.nn.functional.dropout(x, module.p, module.training)  # the identity in eval mode
+        return torch.nn.functional.dropout(x, module.p, module.training)
 
-    def lora_a_forward(linear, p, x):  # lora_A(lora_dropout(x)) in one step
-        if linear.training and p < 1:
-            return DropoutLinear.apply(x, linear.weight, p)
-        return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, linear.training), linear.weight)
+    for module in model.modules():
+        if type(module) is torch.nn.Dropout:
+            module.forward = functools.partial(dropout_forward, module)
+
+
+def use_lean_lora(model):
+    """Every LoRA layer's training forward as described above. Nothing else changes: the modules, the state dict
+    and the saved adapter are PEFT's; in eval mode (or with merged / disabled / several adapters) PEFT's own
+    forward runs."""
+    import functools
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+    _, DropoutLinear = _dropout_functions()
+
+    def lean_forward(layer, peft_forward, x, *args, **kwargs):
+        names = [n for n in layer.active_adapters if n in layer.lora_A]
+        if (not layer.training or layer.merged or layer.disable_adapters or args or kwargs or len(names) != 1
+                or names[0] in layer.lora_variant or layer.lora_B[names[0]].bias is not None):
+            return peft_forward(x, *args, **kwargs)
+        name = names[0]
+        drop = layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+        result = layer.base_layer(x)
+        weight_a = layer.lora_A[name].weight
+        if 0 < p < 1:
+            low_rank = DropoutLinear.apply(x, weight_a, p)
+        else:
+            low_rank = torch.nn.functional.dropout(x, p) @ weight_a.to(x.dtype).t()
+        weight_b = (layer.lora_B[name].weight * layer.scaling[name]).to(result.dtype)  # (out, r): small
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), weight_b.t())
+        return flat.view(result.shape)  # result + scaling * lora_B(lora_A(dropout(x))), in one pass
 
     for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            for name, drop in list(layer.lora_dropout.items()):
-                linear = layer.lora_A[name]
-                if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and linear.bias is None:
-                    linear.forward = functools.partial(lora_a_forward, linear, drop.p)
-                    layer.lora_dropout[name] = torch.nn.Identity()
-    for module in model.modules():
-        if type(module) is torch.nn.Dropout:  # GPT-2's residual / embedding dropouts
-            module.forward = functools.partial(dropout_forward, module)
+        if isinstance(layer, LoraLinear) and layer.lora_A and all(a.bias is None for a in layer.lora_A.values()):
+            layer.forward = functools.partial(lean_forward, layer, layer.forward)
 
 
 def add_lora(model, args, quant, gradient_checkpointing):
@@ -877,6 +901,7 @@ def main(argv=None, extra_callbacks=()):
     model = add_lora(model, args, quant, checkpointing)
     if not cuda:
         use_lean_dropout(model)
+        use_lean_lora(model)
     # While training, the model returns hidden states and assistant_loss applies the head only where needed.
     base = model.get_base_model()
     lm_head, head_weight = base.lm_head, base.lm_head.weight
