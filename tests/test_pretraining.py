@@ -257,6 +257,26 @@ def test_fused_gelu_computes_what_gpt2s_gelu_does():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.25])  # 0.25: a loss divided by 4 accumulated micro-batches
+def test_cpu_cross_entropy_equals_torchs(dtype, grad_scale):
+    """The training loss with its gradient computed in the forward pass, against F.cross_entropy on the same
+    logits (cast to fp32 first, as before): the loss, and the gradient reaching bf16 or fp32 logits."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 17, 1000) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (3, 17))
+    loss = Pretraining.lm_loss(logits, targets)
+    (loss * grad_scale).backward()
+    ours = logits.grad
+    logits.grad = None
+    reference = torch.nn.functional.cross_entropy(logits.float().view(-1, 1000), targets.view(-1))
+    (reference * grad_scale).backward()
+    assert loss.dtype == torch.float32 and ours.dtype == dtype
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    tolerance = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(ours.float(), logits.grad.float(), **tolerance)
+
+
 def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
     model = tiny_model()
     mixed = Pretraining.MasterWeights(model)
