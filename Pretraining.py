@@ -468,25 +468,33 @@ class CrossEntropyCPU(torch.autograd.Function):
 
     On a CPU, PyTorch's log_softmax backward over GPT-2's 50,257-word vocabulary is slow: at 124M, batch 4 x 256
     in bf16 it took 0.4 s of a 2.0 s step, plus 0.3 s to cast the logits to fp32 and to fill a zero gradient for
-    nll_loss. Here one fp32 pass computes the softmax, the loss (logsumexp - the target's logit) and the
-    gradient (softmax - one_hot) / N, kept in the logits' dtype (bf16 has fp32's range, so nothing underflows).
+    nll_loss. Here the softmax, the loss (logsumexp - the target's logit) and the gradient (softmax - one_hot) / N
+    are computed a few rows at a time, in fp32, while those rows are in the CPU's cache (measured: 86 ms instead
+    of 206 ms for all 1024 rows at once), and the gradient is kept in the logits' dtype (bf16 has fp32's range).
     Only for a CPU (fp32 or bf16): fp16 logits under a GradScaler would underflow, and CUDA's kernels are fast.
     tests/test_pretraining.py checks the loss and the gradient against F.cross_entropy."""
+
+    CHUNK = 32 * 50257  # logits per pass: 6 MB in fp32 (a small vocabulary takes the whole batch at once)
 
     @staticmethod
     def forward(ctx, logits, targets):
         flat, t = logits.view(-1, logits.size(-1)), targets.view(-1)
-        n = flat.size(0)
-        top = flat.amax(dim=-1, keepdim=True).float()
-        probs = torch.sub(flat, top).exp_()  # fp32 (type promotion): the one vocabulary-sized fp32 tensor
-        sums = probs.sum(dim=-1, keepdim=True)
-        picked = flat.gather(1, t[:, None]).float() - top
-        loss = (sums.log() - picked).mean()
-        probs.div_(sums * n)
-        probs[torch.arange(n, device=t.device), t] -= 1.0 / n
-        ctx.save_for_backward(probs.to(logits.dtype))
+        n, vocab = flat.shape
+        rows = max(1, CrossEntropyCPU.CHUNK // vocab)
+        grad = torch.empty_like(flat)
+        work = grad if grad.dtype == torch.float32 else torch.empty(min(rows, n), vocab)  # fp32 rows
+        total = torch.zeros(())
+        for s in range(0, n, rows):
+            x, target = flat[s:s + rows], t[s:s + rows]
+            top = x.amax(dim=-1, keepdim=True).float()
+            probs = torch.sub(x, top, out=work[s:s + rows] if work is grad else work[:len(x)]).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += (sums.log() - (x.gather(1, target[:, None]).float() - top)).sum()
+            out = torch.div(probs, sums * n, out=grad[s:s + rows])  # softmax / N, in the logits' dtype
+            out[torch.arange(len(x)), target] -= 1.0 / n
+        ctx.save_for_backward(grad)
         ctx.shape = logits.shape
-        return loss
+        return total / n
 
     @staticmethod
     def backward(ctx, grad_loss):
