@@ -355,7 +355,7 @@ class Paged:
         sizes = {}
         if model.device.type == "cpu":  # on a GPU the library sizes the cache from free memory
             sizes = dict(num_blocks=max_batch * max(1, min(engine.context_window, 2048) // 256), max_batch_tokens=1024)
-        cb_config = ContinuousBatchingConfig(per_request_processors=True, **sizes)
+        cb_config = ContinuousBatchingConfig(per_request_processors=sampling, **sizes)
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
         self.replies, self.lock = {}, threading.Lock()
         # Started from a daemon thread, the library's loop thread is a daemon too: it never keeps a script alive.
