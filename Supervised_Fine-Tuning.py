@@ -454,11 +454,12 @@ def head_loss_sum(hidden, weight, targets):
     grad = torch.empty_like(hidden)
     with torch.no_grad():
         w = weight.to(hidden.dtype)
-        work = None if w.dtype == torch.float32 else torch.empty(SOFTMAX_ROWS, w.size(0), device=w.device)
+        rows = SOFTMAX_ROWS if hidden.device.type == "cpu" else LOSS_SLICE  # a GPU wants few, large passes
+        work = None if w.dtype == torch.float32 else torch.empty(rows, w.size(0), device=w.device)
         for s in range(0, hidden.size(0), LOSS_SLICE):
             logits = hidden[s:s + LOSS_SLICE] @ w.t()
-            for r in range(0, logits.size(0), SOFTMAX_ROWS):
-                x = logits[r:r + SOFTMAX_ROWS]
+            for r in range(0, logits.size(0), rows):
+                x = logits[r:r + rows]
                 t = targets[s + r:s + r + len(x)]
                 top = x.amax(dim=-1, keepdim=True).float()
                 picked = x.gather(1, t[:, None]).float()
