@@ -482,12 +482,12 @@ class CrossEntropyCPU(torch.autograd.Function):
         n, vocab = flat.shape
         rows = max(1, CrossEntropyCPU.CHUNK // vocab)
         grad = torch.empty_like(flat)
-        work = grad if grad.dtype == torch.float32 else torch.empty(min(rows, n), vocab)  # fp32 rows
+        work = None if grad.dtype == torch.float32 else torch.empty(min(rows, n), vocab)  # fp32 rows for bf16
         total = torch.zeros(())
         for s in range(0, n, rows):
             x, target = flat[s:s + rows], t[s:s + rows]
             top = x.amax(dim=-1, keepdim=True).float()
-            probs = torch.sub(x, top, out=work[s:s + rows] if work is grad else work[:len(x)]).exp_()
+            probs = torch.sub(x, top, out=grad[s:s + rows] if work is None else work[:len(x)]).exp_()
             sums = probs.sum(dim=-1, keepdim=True)
             total += (sums.log() - (x.gather(1, target[:, None]).float() - top)).sum()
             out = torch.div(probs, sums * n, out=grad[s:s + rows])  # softmax / N, in the logits' dtype
