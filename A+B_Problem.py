@@ -13,8 +13,8 @@ Run it from the repository root (it also runs unchanged when pasted into a Colab
 
 A word's vector (🤗 model): tokenize the word WITHOUT special tokens (bert-base-chinese splits Chinese into
 characters; "MIT", [UNK] as written, is tokenized lower-cased) and average those tokens' rows of the
-input-embedding matrix. The handout's original script also averaged in [CLS] and [SEP]: two rows shared by every word, which
-pull all words towards each other; --keep-cls-sep reproduces it.
+input-embedding matrix. The handout's original script also averaged in [CLS] and [SEP]: two rows shared by every
+word, which pull all words towards each other; --keep-cls-sep reproduces it.
 Scores follow gensim: every vector is unit-normalised first; 3CosAdd ranks by the cosine with
 (sum of +terms - sum of -terms), 3CosMul (Levy & Goldberg 2014) by prod((1+cos)/2 of +terms) / (prod((1+cos)/2
 of -terms) + 1e-6). Only the embedding matrix is read (lazily, from model.safetensors): the network is never
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hub_utils import hub_reachable  # shared by every task script
+from course_utils import ArgumentParser, UserError, atomic_path, local_or_hub, parse_args, run_main, script_dir
 
+HERE = script_dir(globals())
 DEFAULT_DIR = "model/bert-base-chinese"   # course layout: weights live under model/
 HUB_ID = "bert-base-chinese"              # fallback when the directory is missing
 QUESTIONS = [  # (title, expression, candidates) straight from the handout
@@ -48,14 +49,6 @@ EMBED_SUFFIXES = ("word_embeddings.weight", "embed_tokens.weight", "wte.weight",
                   "tok_embeddings.weight", "embed_in.weight", "word_embedding.weight")
 
 
-class ABError(Exception):
-    """A foreseeable failure: main() prints its one sentence and exits with `code` (2 bad input, 1 environment)."""
-
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
-
-
 # ---------------------------------------------------------------- 1. expressions
 def parse_expression(expr):
     """"皇后-女人+男人" -> [(+1, "皇后"), (-1, "女人"), (+1, "男人")].
@@ -64,13 +57,13 @@ def parse_expression(expr):
     text = expr.translate(str.maketrans({"＋": "+", "－": "-", "−": "-", "＝": "=", "？": "?"}))
     text = re.sub(r"=\s*\??\s*$", "", text.strip()).strip()
     if not text:
-        raise ABError("表达式为空 (empty expression): 例如 --expr \"皇后-女人+男人\"")
+        raise UserError("表达式为空 (empty expression): 例如 --expr \"皇后-女人+男人\"")
     if text[0] not in "+-":
         text = "+" + text
     terms = []
     for sign, word in re.findall(r"([+-])([^+-]*)", text):
         if not word.strip():
-            raise ABError(f"表达式 “{expr}” 中 {sign} 后面缺少词 (a term is missing after '{sign}')")
+            raise UserError(f"表达式 “{expr}” 中 {sign} 后面缺少词 (a term is missing after '{sign}')")
         terms.append((1 if sign == "+" else -1, word.strip()))
     return terms
 
@@ -107,7 +100,7 @@ class VectorsSpace:
 
     def vector(self, word):
         if word not in self.kv.key_to_index:
-            raise ABError(f"词 “{word}” 不在词向量文件的词表中 (word '{word}' is not in {self.source})")
+            raise UserError(f"词 “{word}” 不在词向量文件的词表中 (word '{word}' is not in {self.source})")
         return self.kv.vectors[self.kv.key_to_index[word]]
 
     def index(self, word):
@@ -128,7 +121,8 @@ class ModelSpace:
         specials = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         # The searchable vocabulary: whole tokens only. Special tokens, [unusedN] placeholders and "##" pieces
         # (continuations of a word, never a word alone) would be meaningless answers.
-        ids = [i for i in range(min(len(emb), tok.get_vocab_size())) if i not in specials and not self._junk(tok.id_to_token(i))]
+        ids = [i for i in range(min(len(emb), tok.get_vocab_size()))
+               if i not in specials and not self._junk(tok.id_to_token(i))]
         names = tok.decode_batch([[i] for i in ids])
         keep = [k for k, name in enumerate(names) if name.strip()]
         self.ids = np.array([ids[k] for k in keep], dtype=np.int64)
@@ -153,11 +147,11 @@ class ModelSpace:
                       file=sys.stderr)
             ids = self.tok.encode(word.lower(), add_special_tokens=False).ids
         if not ids or (self.unk is not None and self.unk in ids):
-            raise ABError(f"词 “{word}” 含有词表外的字符，分词得到 [UNK] (word '{word}' is not in the "
+            raise UserError(f"词 “{word}” 含有词表外的字符，分词得到 [UNK] (word '{word}' is not in the "
                           f"vocabulary of {self.source})")
         if max(ids) >= len(self.emb):
-            raise ABError(f"the tokenizer and the embedding matrix of {self.source} do not match (token id "
-                          f"{max(ids)} >= {len(self.emb)} rows)", 1)
+            raise UserError(f"the tokenizer and the embedding matrix of {self.source} do not match (token id "
+                          f"{max(ids)} >= {len(self.emb)} rows)")
         return ids
 
     def vector(self, word):
@@ -167,7 +161,7 @@ class ModelSpace:
         """Row of `word` in the searchable vocabulary when the word is a single token (else None)."""
         try:
             ids = self.token_ids(word)
-        except ABError:
+        except UserError:
             return None
         return self.row_of.get(ids[0]) if len(ids) == 1 else None
 
@@ -178,7 +172,7 @@ class ModelSpace:
             if w not in seen and self.index(w) is None:
                 try:
                     rows.append(self.vector(w))
-                except ABError:
+                except UserError:
                     continue
                 seen.add(w)
                 keys.append(w)
@@ -189,14 +183,14 @@ def load_vectors(path, binary=None, limit=None):
     """word2vec text or binary vectors (or a gensim .kv file) through gensim's own reader."""
     path = Path(path)
     if not path.is_file():
-        raise ABError(f"找不到词向量文件 {path} (vectors file not found)", 1)
+        raise UserError(f"找不到词向量文件 {path} (vectors file not found)")
     from gensim.models import KeyedVectors
     kind = "gensim KeyedVectors"
     try:
         if path.suffix in (".kv", ".model"):
             kv = KeyedVectors.load(str(path))
         else:
-            from gensim import utils   # its open() also reads .gz / .bz2 transparently, like the loader
+            from gensim import utils  # its open() also reads .gz / .bz2 transparently, like the loader
             with utils.open(str(path), "rb") as f:
                 header, sample = f.readline(), f.read(4096)
             if binary is None:   # binary files hold raw float32 bytes, which are almost never valid UTF-8
@@ -210,40 +204,19 @@ def load_vectors(path, binary=None, limit=None):
             kind = "word2vec binary" if binary else "word2vec text"
             kv = KeyedVectors.load_word2vec_format(str(path), binary=binary, limit=limit, no_header=no_header)
     except Exception as e:   # gensim raises many kinds of errors on a malformed file
-        raise ABError(f"无法解析词向量文件 {path} (not {kind} vectors: "
+        raise UserError(f"无法解析词向量文件 {path} (not {kind} vectors: "
                       f"{type(e).__name__}: {str(e)[:150]})")
     if not len(kv.index_to_key):
-        raise ABError(f"词向量文件 {path} 是空的 (no vectors)")
+        raise UserError(f"词向量文件 {path} 是空的 (no vectors)")
     return VectorsSpace(path, kv)
 
 
 def resolve_model(name):
-    """A local directory, else a hub id (downloading only the config, tokenizer and weights)."""
-    if name is None or name.rstrip("/") == DEFAULT_DIR:
-        name = DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else HUB_ID
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser()
-    where = (f"请创建目录 {DEFAULT_DIR}，放入 Hub 模型 {HUB_ID} 的文件 (config.json, tokenizer.json 或 vocab.txt, "
-             f"model.safetensors)，例如联网时运行 `hf download {HUB_ID} --include '*.json' --include vocab.txt "
-             f"--include model.safetensors --local-dir {DEFAULT_DIR}`"
-             if name == HUB_ID else f"找不到本地目录 {name}，它也无法作为 Hub 模型下载")
-    from huggingface_hub import snapshot_download
-    wanted = ["*.json", "vocab.txt", "*.model", "*.safetensors"]
-    try:  # Already in the hub cache: no network needed.
-        return Path(snapshot_download(name, allow_patterns=wanted, local_files_only=True))
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or not hub_reachable():
-        raise ABError(f"{where} (the hub is unreachable: no network or HF_HUB_OFFLINE=1)", 1)
-    print(f"本地没有目录 {name if name != HUB_ID else DEFAULT_DIR}，正在从 Hub 下载 {name} (downloading) ...",
-          file=sys.stderr)
-    try:
-        path = Path(snapshot_download(name, allow_patterns=wanted))
-        if not list(path.glob("*.safetensors")):
-            path = Path(snapshot_download(name, allow_patterns=wanted + ["pytorch_model*.bin*"]))
-    except Exception as e:
-        raise ABError(f"{where} (download failed: {type(e).__name__}: {str(e)[:200]})", 1)
-    return path
+    """A local directory, else the hub cache, else a download of the hub id (config, tokenizer and weights only)."""
+    name = DEFAULT_DIR if name is None or name.rstrip("/") == DEFAULT_DIR else name
+    hub_id = HUB_ID if name == DEFAULT_DIR else name
+    return Path(local_or_hub(os.path.expanduser(name), hub_id, HERE, patterns=["*.json", "vocab.txt", "*.model",
+                                                                               "*.safetensors"]))
 
 
 def read_input_embeddings(model_dir):
@@ -271,7 +244,7 @@ def read_input_embeddings(model_dir):
             with safe_open(file, framework="pt") as f:   # numpy has no bfloat16
                 return f.get_tensor(name).float().numpy()
     elif not list(model_dir.glob("*.bin")):
-        raise ABError(f"{model_dir} 中没有权重文件 (no model.safetensors or pytorch_model.bin)", 1)
+        raise UserError(f"{model_dir} 中没有权重文件 (no model.safetensors or pytorch_model.bin)")
     return embeddings_from_full_model(model_dir)
 
 
@@ -283,13 +256,13 @@ def embeddings_from_full_model(model_dir):
     try:
         model = transformers.AutoModel.from_pretrained(model_dir)
     except Exception as e:
-        raise ABError(f"无法加载模型 {model_dir} ({type(e).__name__}: {str(e)[:200]})", 1)
+        raise UserError(f"无法加载模型 {model_dir} ({type(e).__name__}: {str(e)[:200]})")
     try:
         weight = model.get_input_embeddings().weight
     except (NotImplementedError, AttributeError):
         weight = None
     if weight is None or weight.dim() != 2:
-        raise ABError(f"模型 {model_dir} ({type(model).__name__}) 没有词嵌入 (it has no input embeddings: "
+        raise UserError(f"模型 {model_dir} ({type(model).__name__}) 没有词嵌入 (it has no input embeddings: "
                       f"choose a text model)")
     return weight.detach().float().numpy()
 
@@ -306,7 +279,8 @@ def load_tokenizer(model_dir):
         # transformers lets tokenizer_config.json's do_lower_case override tokenizer.json (bert-base-chinese
         # says false there): do the same, so that the tokens are exactly those of AutoTokenizer.
         norm = tok.normalizer
-        if isinstance(norm, normalizers.BertNormalizer) and config.get("do_lower_case", norm.lowercase) != norm.lowercase:
+        lowercase = config.get("do_lower_case", getattr(norm, "lowercase", None))
+        if isinstance(norm, normalizers.BertNormalizer) and lowercase != norm.lowercase:
             tok.normalizer = normalizers.BertNormalizer(clean_text=norm.clean_text, lowercase=config["do_lower_case"],
                                                         handle_chinese_chars=norm.handle_chinese_chars,
                                                         strip_accents=norm.strip_accents)
@@ -316,13 +290,13 @@ def load_tokenizer(model_dir):
         transformers.logging.set_verbosity_error()
         return transformers.AutoTokenizer.from_pretrained(model_dir).backend_tokenizer
     except Exception as e:
-        raise ABError(f"{model_dir} 中没有可用的分词器 (no tokenizer.json or vocab.txt: {type(e).__name__})", 1)
+        raise UserError(f"{model_dir} 中没有可用的分词器 (no tokenizer.json or vocab.txt: {type(e).__name__})")
 
 
 def load_space(args):
     if args.vectors:
         if args.keep_cls_sep:
-            raise ABError("--keep-cls-sep 只用于 🤗 模型 (it applies to --model, not to --vectors)")
+            raise UserError("--keep-cls-sep 只用于 🤗 模型 (it applies to --model, not to --vectors)")
         return load_vectors(args.vectors, args.binary, args.limit)
     model_dir = resolve_model(args.model)
     emb = read_input_embeddings(model_dir)   # first: a model without embeddings fails here, clearly
@@ -337,7 +311,7 @@ def answer(space, expr, choices, method, topk):
     pos = np.array([vecs[w] for s, w in terms if s > 0]).reshape(-1, space.matrix.shape[1])
     neg = np.array([vecs[w] for s, w in terms if s < 0]).reshape(-1, space.matrix.shape[1])
     if method == "mul" and not len(pos):
-        raise ABError("3CosMul 至少需要一个正项 (needs at least one + term)")
+        raise UserError("3CosMul 至少需要一个正项 (needs at least one + term)")
     if choices:
         words, cands = list(choices), unit(np.array([space.vector(c) for c in choices]))
     else:   # the whole vocabulary, without the query words themselves (as gensim does)
@@ -351,7 +325,7 @@ def answer(space, expr, choices, method, topk):
         order = [i for i in np.argsort(-scores, kind="stable")[:topk] if np.isfinite(scores[i])]
     rows = [{"word": words[i], "cosine": float(cosines[i]), "score": float(scores[i])} for i in order]
     if not rows:
-        raise ABError("词表里除了查询词本身没有别的词可选 (no word left besides the query words)")
+        raise UserError("词表里除了查询词本身没有别的词可选 (no word left besides the query words)")
     return {"expression": show_expression(terms), "terms": [["+" if s > 0 else "-", w] for s, w in terms],
             "method": method, "mode": "choices" if choices else "topk", "candidates": rows,
             "answer": max(rows, key=lambda r: r["score"])["word"]}
@@ -378,13 +352,13 @@ def read_analogies(path):
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ABError(f"无法读取评测文件 {path} ({type(e).__name__})", 1)
+        raise UserError(f"无法读取评测文件 {path} ({type(e).__name__})")
     sections = []
     for no, line in enumerate(lines, 1):
         if line.startswith(": "):
             sections.append((line.lstrip(": ").strip(), []))
         elif not sections:
-            raise ABError(f"{path} 第 {no} 行出现在任何 ': 类别' 标题之前 (missing section header)")
+            raise UserError(f"{path} 第 {no} 行出现在任何 ': 类别' 标题之前 (missing section header)")
         elif len(line.split()) == 4:
             sections[-1][1].append(tuple(line.split()))
     return sections
@@ -450,7 +424,7 @@ def plot(space, results, titles, path):
 
     import matplotlib
     from matplotlib import font_manager
-    from matplotlib.figure import Figure   # no pyplot: leaves a notebook's backend alone
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
     cjk = [f.name for f in font_manager.fontManager.ttflist
            if re.search(r"CJK|WenQuanYi|SimHei|YaHei|PingFang|Heiti|Source Han|Arial Unicode", f.name)]
     rc = {"font.sans-serif": cjk[:1] + ["DejaVu Sans"], "axes.unicode_minus": False}
@@ -483,10 +457,9 @@ def plot(space, results, titles, path):
             ax.margins(0.15)
             ax.set_title(f"{title}: {res['expression']} ≈ {res['answer']}", fontsize=10)
         fig.suptitle(f"{space.source} · PCA", fontsize=9)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():   # without a CJK font the labels show as boxes, say so once
+        with warnings.catch_warnings(), atomic_path(path) as tmp:  # no CJK font: boxes for labels, said once below
             warnings.simplefilter("ignore")
-            fig.savefig(path, dpi=110)
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:] or "png")
     if not cjk:
         print("提示：未找到中文字体，图中汉字可能显示为方框 (no CJK font found; e.g. apt-get install "
               "fonts-noto-cjk)", file=sys.stderr)
@@ -495,7 +468,7 @@ def plot(space, results, titles, path):
 
 # ---------------------------------------------------------------- 7. main
 def build_parser():
-    p = argparse.ArgumentParser(description="词向量加减法 (word-embedding arithmetic) with 3CosAdd / 3CosMul.")
+    p = ArgumentParser(description="词向量加减法 (word-embedding arithmetic) with 3CosAdd / 3CosMul.")
     p.add_argument("--model", help=f"🤗 model directory or hub id (default: {DEFAULT_DIR}, else {HUB_ID})")
     p.add_argument("--vectors", help="word2vec text/binary vectors file (or gensim .kv) instead of a model")
     p.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
@@ -518,13 +491,13 @@ def build_parser():
 
 def run(args):
     if args.choices and not args.expr:
-        raise ABError("--choices 需要和 --expr 一起使用 (--choices needs --expr)")
+        raise UserError("--choices 需要和 --expr 一起使用 (--choices needs --expr)")
     if args.choices and not all(c.strip() for c in args.choices):
-        raise ABError("--choices 中有空的候选词 (an empty candidate)")
+        raise UserError("--choices 中有空的候选词 (an empty candidate)")
     if args.topk < 1:
-        raise ABError("--topk 必须 ≥ 1")
+        raise UserError("--topk 必须 ≥ 1")
     if args.eval and (args.expr or args.plot):
-        raise ABError("--eval 不能和 --expr / --plot 同时使用 (--eval runs a benchmark on its own)")
+        raise UserError("--eval 不能和 --expr / --plot 同时使用 (--eval runs a benchmark on its own)")
     space = load_space(args)
     print(f"词向量来源 (embeddings): {space.source}  ·  {len(space.keys)} 个词, {space.matrix.shape[1]} 维")
     if args.eval:
@@ -540,32 +513,19 @@ def run(args):
         output = {"questions": [{"title": t, **r} for (t, _, _), r in zip(asked, results)]}
     if args.json:
         output = {"source": space.source, "keep_cls_sep": args.keep_cls_sep, **output}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(output, ensure_ascii=False, indent=1), encoding="utf-8")
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(output, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def main(argv=None):
-    args, unknown = build_parser().parse_known_args(argv)   # a notebook kernel adds its own arguments
-    if unknown and "ipykernel" not in sys.modules:
-        print(f"提示：忽略未知参数 (ignored unknown arguments): {' '.join(unknown)}", file=sys.stderr)
+    args = parse_args(build_parser(), argv)
     try:
         run(args)
-        sys.stdout.flush()   # inside the try: `| head` may close the pipe before the buffered lines are written
-    except BrokenPipeError:   # the reader has gone: nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so that the exit's flush cannot fail
-        return 1
-    except ABError as e:
-        print(f"错误 (error): {e}", file=sys.stderr)
-        return e.code
-    except OSError as e:   # an output path that cannot be written, a file that vanished, ...
-        print(f"错误 (error): {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    except BrokenPipeError:  # `| head` has left: run_main ends quietly
+        raise
+    except OSError as e:  # an output path that cannot be written, a file that vanished, ...
+        raise UserError(f"{e.strerror or e}: {e.filename or ''}") from None
 
 
 if __name__ == "__main__":
-    code = main()
-    if code:   # sys.exit(0) would print a "SystemExit" notice in a notebook
-        sys.exit(code)
+    run_main(main)

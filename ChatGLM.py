@@ -18,7 +18,6 @@
 ChatGLM2 第一次使用时自动转换为 transformers 自带的 glm 格式（convert_chatglm2.py），不运行 remote code；
 只有 ChatGLM-6B 第一代还要旧版 transformers：pip install -r requirements-chatglm.txt（单独的环境）。
 """
-import argparse
 import asyncio
 import errno
 import json
@@ -37,13 +36,25 @@ from packaging.version import Version
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import convert_chatglm2  # ChatGLM2 in THUDM's layout -> transformers' own glm model
-from chat_engine import (Chat, ChatEngine, ContextTooLong, Options, PromptError, SaveError,  # noqa: F401
-                         first_line, message_text, run_terminal)
-from hub_utils import hub_reachable  # shared by every task script
+from chat_engine import Chat, ChatEngine, ContextTooLong, Options, PromptError, first_line, message_text, run_terminal  # noqa: F401
+from course_utils import (
+    DTYPE_CHOICES,
+    MODEL_FILES,
+    ArgumentParser,
+    UserError,
+    local_or_hub,
+    parse_args,
+    pick_device,
+    pick_dtype,
+    run_main,
+    script_dir,
+    torch_dtype,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 0. Constants
 # ---------------------------------------------------------------------------------------------------------------
+HERE = script_dir(globals())
 DEFAULT_MODEL = "model/chatglm2-6b-int4"
 # When model/<name> is missing we fall back to these hub ids (and say that we are downloading).
 KNOWN_HUB_IDS = {
@@ -60,25 +71,23 @@ CHATGLM_TRANSFORMERS = (Version("4.30"), Version("4.42"))
 CHATGLM_RANGE = ">=4.30,<4.42"
 # transformers renamed from_pretrained(torch_dtype=) to dtype= in 4.56.
 DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OLD_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # earlier spellings, still accepted
 DEMO_QUESTIONS = ["什么情况下商贩会售卖淹死的鱼？", "两杯50度的巧克力混合起来是多少度？", "如何向盲人推销VR眼镜？"]
-class UserError(Exception):
-    """A failure we foresaw: main() prints its one-sentence message instead of a stack trace."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Finding and loading the model
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_model(name):
-    """Returns (where to load from, local_files_only, the directory the student should create or None).
+    """Returns (a local directory with the model, the course directory it stands for, or None).
 
-    Course layout first: a local directory. A missing `model/<name>` falls back to its known hub id;
-    anything else that is not a local path is taken as a hub id ("gpt2", "Qwen/Qwen2.5-0.5B-Instruct")."""
+    Course layout first: a local directory. A missing `model/<name>` falls back to its known hub id; anything
+    else that is not a local path is taken as a hub id ("gpt2", "Qwen/Qwen2.5-0.5B-Instruct"): the hub cache, else
+    a download, else one sentence that names the directory to create."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise UserError(f"{path} 里没有 config.json（也不是 LoRA 目录），请放入完整的模型文件（save_pretrained 的输出）")
-        return str(path), True, None
+            raise UserError(f"{path} 里没有 config.json（也不是 LoRA 目录），"
+                            f"请放入完整的模型文件（save_pretrained 的输出）")
+        return str(path), None
     looks_local = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or path.parts[0] == "model"
     if looks_local:
         hub_id = KNOWN_HUB_IDS.get(path.name)
@@ -87,36 +96,8 @@ def resolve_model(name):
         wanted = str(path)
     else:
         hub_id, wanted = name, None
-    if hub_reachable():
-        print(f"本地没有 {wanted or hub_id}，正在从 🤗 hub 下载 {hub_id}（第一次会比较久）…", file=sys.stderr)
-        return hub_id, False, wanted
-    # No network: only the hub cache can help.
-    from huggingface_hub import try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
-        raise offline_error(hub_id, wanted)
-    return hub_id, True, wanted
-
-
-def offline_error(hub_id, wanted):
-    where = wanted or f"model/{hub_id.split('/')[-1]}"
-    return UserError(f"没有网络，本地也没有 {where}：请在能联网的机器上运行 `hf download {hub_id} --local-dir {where}`"
-                     f"（或 git clone https://huggingface.co/{hub_id}），再把目录拷到这里")
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("没有可用的 CUDA GPU：去掉 --device cuda 用 CPU，或在 Colab 上选 GPU 运行时")
-    return name
-
-
-def pick_dtype(name, device):
-    if name not in ("auto", "nf4"):  # nf4: 4-bit weights, computing in the automatic dtype
-        return DTYPES[name]
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # half precision on a CPU is slow or unsupported for many ops
+    # *.py: ChatGLM-6B v1's own modeling code (run only with trust_remote_code); *.tiktoken: some chat tokenizers
+    return local_or_hub(wanted or hub_id, hub_id, HERE, patterns=[*MODEL_FILES, "*.py", "*.tiktoken"]), wanted
 
 
 def read_config(source):
@@ -132,16 +113,12 @@ def is_chatglm_v1(name, config):
     return convert_chatglm2.is_chatglm_v1(config) if config else "chatglm-6b" in str(name).lower()
 
 
-def chatglm2_native(source, local_only, wanted):
+def chatglm2_native(source, wanted):
     """ChatGLM2 in THUDM's layout -> its native `glm` copy beside it, converted on first use, then reused."""
     target = convert_chatglm2.native_dir_for(source, wanted)
     if target.is_dir():
         print(f"使用已转换的 {target}", file=sys.stderr)
         return str(target)
-    if not Path(source).is_dir():  # a hub id: THUDM's files, but not their .py (we never run them)
-        from huggingface_hub import snapshot_download
-        source = snapshot_download(source, local_files_only=local_only,
-                                   allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin"])
     print(f"第一次使用：把 {source} 转换为 transformers 原生格式，存到 {target}（只做一次）", file=sys.stderr)
     return str(convert_chatglm2.convert(source, target))
 
@@ -151,10 +128,11 @@ def check_chatglm_transformers():
     have = Version(transformers.__version__)
     if not (low <= have < high):
         raise UserError(f"ChatGLM-6B 第一代的 remote code 需要 transformers{CHATGLM_RANGE}（当前是 {have}）："
-                        f"请在单独的环境或 Colab 里运行 pip install -r requirements-chatglm.txt（其中是 transformers==4.41.2）")
+                        f"请在单独的环境或 Colab 里运行 pip install -r requirements-chatglm.txt"
+                        f"（其中是 transformers==4.41.2）")
 
 
-def load_chatglm(source, local_only, device, dtype_name, config):
+def load_chatglm(source, device, dtype_name, config):
     """ChatGLM-6B v1: THUDM's own modeling code (trust_remote_code), used through its chat()/stream_chat()."""
     check_chatglm_transformers()
     quantized = bool(config.get("quantization_bit")) or "int4" in str(source).lower()
@@ -162,7 +140,8 @@ def load_chatglm(source, local_only, device, dtype_name, config):
         try:  # the int4 CUDA kernels; this import itself fails where there is no CUDA driver
             import cpm_kernels  # noqa: F401
         except Exception as error:
-            raise UserError(f"int4 模型要用 cpm_kernels 和 CUDA 驱动，但 import cpm_kernels 失败（{first_line(error)}）："
+            raise UserError(f"int4 模型要用 cpm_kernels 和 CUDA 驱动，"
+                            f"但 import cpm_kernels 失败（{first_line(error)}）："
                             f"pip install -r requirements-chatglm.txt，并确认 nvidia-smi 能看到 GPU") from None
     if quantized and device == "cpu":
         if shutil.which("gcc") is None:
@@ -170,72 +149,71 @@ def load_chatglm(source, local_only, device, dtype_name, config):
                             "或在 Colab 上选 GPU 运行时，或改用 --model model/chatglm-6b-int4")
         print("提示：在 CPU 上运行 int4 模型很慢（ChatGLM2-6B-int4 在 CPU 上常编译失败，CPU 推荐 chatglm-6b-int4）。",
               file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, local_files_only=local_only)
-    model = AutoModel.from_pretrained(source, trust_remote_code=True, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, local_files_only=True)
+    model = AutoModel.from_pretrained(source, trust_remote_code=True, local_files_only=True)
     # The official demos: .half().cuda() on a GPU, .float() on a CPU (the int4 weights stay packed either way).
-    model = model.to(DTYPES.get(dtype_name, torch.float16)).cuda() if device == "cuda" else model.float()
+    half = torch_dtype(dtype_name) if dtype_name != "auto" else torch.float16
+    model = model.to(half).cuda() if device == "cuda" else model.float()
     return model.eval(), tokenizer
 
 
-def load_peft(source, local_only, device, dtype, trust_remote_code):
+def load_peft(source, device, dtype, trust_remote_code):
     """A Task 8 LoRA directory: base model + adapter, merged so that generation runs at full speed."""
     from peft import AutoPeftModelForCausalLM, PeftConfig
     base = PeftConfig.from_pretrained(source).base_model_name_or_path
     if base and not Path(base).exists() and Path(base).parts[:1] == ("model",):
         raise UserError(f"LoRA 目录 {source} 的基座模型 {base} 不存在：请先准备好基座模型（Task 4/5 的 {base}）")
-    kwargs = {DTYPE_KW: dtype, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
+    kwargs = {DTYPE_KW: dtype, "trust_remote_code": trust_remote_code}
     model = AutoPeftModelForCausalLM.from_pretrained(source, **kwargs).merge_and_unload()
     has_tokenizer = any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(source if has_tokenizer else base, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(source if has_tokenizer else base)
     return model.to(device).eval(), tokenizer
 
 
-def load_model(name, device="auto", dtype="auto", trust_remote_code=False):
-    """Returns (model, tokenizer, device). Every foreseeable failure becomes a UserError."""
-    source, local_only, wanted = resolve_model(name)
+def load_causal_lm(source, device, dtype, quant, trust_remote_code, plan):
+    """Any 🤗 causal LM (and a converted ChatGLM2, with the from_pretrained arguments its loading plan chose)."""
+    kwargs = {DTYPE_KW: dtype, "local_files_only": True, "trust_remote_code": trust_remote_code}
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # straight onto the GPU: Colab has less RAM than a 7B model in fp16
+    if quant == "4bit":
+        kwargs.update(convert_chatglm2.nf4_kwargs(device, dtype))
+    kwargs.update(plan)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_model(name, device="auto", dtype="auto", trust_remote_code=False, quant="auto"):
+    """Returns (model, tokenizer, device). dtype: auto/fp32/bf16/fp16; quant: auto/none/4bit (NF4).
+    Every foreseeable failure becomes a UserError."""
+    source, wanted = resolve_model(name)
     device = pick_device(device)
-    config = read_config(source) if Path(source).is_dir() else {}
+    config = read_config(source)
     try:
         plan = {}
         if is_chatglm(name, config) and not is_chatglm_v1(name, config):  # ChatGLM2: native, no remote code
-            source, local_only = chatglm2_native(source, local_only, wanted), True
+            source = chatglm2_native(source, wanted)
         if (Path(source) / convert_chatglm2.FORMAT_NOTE).is_file():  # a converted ChatGLM2, also when given directly
-            plan, note = convert_chatglm2.loading_plan(source, device, dtype)  # fp16/bf16 if it fits, else NF4
+            plan, note = convert_chatglm2.loading_plan(source, device, dtype, quant)  # half if it fits, else NF4
             print(note, file=sys.stderr)
+        # on a CPU: fp32 (half precision is slow or unsupported there for many generation ops)
+        torch_type = torch_dtype(pick_dtype(dtype, device, cpu_bf16=False))
         if is_chatglm(name, config) and not plan:
-            model, tokenizer = load_chatglm(source, local_only, device, dtype, config)
-        elif (Path(source) / "adapter_config.json").exists():
-            model, tokenizer = load_peft(source, local_only, device, pick_dtype(dtype, device), trust_remote_code)
-        else:
-            kwargs = {DTYPE_KW: pick_dtype(dtype, device), "local_files_only": local_only,
-                      "trust_remote_code": trust_remote_code}
-            if device == "cuda":
-                kwargs["device_map"] = "auto"  # straight onto the GPU: Colab has less RAM than a 7B model in fp16
-            if dtype == "nf4":
-                kwargs.update(convert_chatglm2.nf4_kwargs(device, kwargs[DTYPE_KW]))
-            kwargs.update(plan)
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only,
-                                                      trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            if "device_map" not in kwargs:
-                model = model.to(device)
-            model.eval()
-    except UserError:
-        raise
-    except convert_chatglm2.ConversionError as error:
-        raise UserError(str(error)) from None
+            return (*load_chatglm(source, device, dtype, config), device)
+        if (Path(source) / "adapter_config.json").exists():
+            return (*load_peft(source, device, torch_type, trust_remote_code), device)
+        return (*load_causal_lm(source, device, torch_type, quant, trust_remote_code, plan), device)
     except torch.cuda.OutOfMemoryError:
         raise UserError("显存不够：换 int4 模型或更小的模型，或加 --device cpu") from None
     except ImportError as error:
         raise UserError(f"缺少依赖（{first_line(error)}）：pip install -r requirements.txt"
                         f"（ChatGLM-6B 第一代用 requirements-chatglm.txt）") from None
     except (OSError, ValueError) as error:
-        if local_only and not Path(source).is_dir():
-            raise offline_error(source, wanted) from None
         if "trust_remote_code" in str(error):
             raise UserError(f"{name} 带有自定义代码：确认可信后加 --trust-remote-code 再运行") from None
         raise UserError(f"加载 {source} 失败：{first_line(error)}") from None
-    return model, tokenizer, device
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,7 +234,8 @@ def terminal(chat, args):
     if not args.ask and sys.stdin.isatty():
         chat.write(f"和 {chat.engine.name} 聊天吧。输入 /help 查看命令，/exit 退出，Ctrl-C 打断回答。\n")
     if not run_terminal(chat, args.ask) and not args.ask and not sys.stdin.isatty():
-        print("提示：stdin 不是终端，也没有输入，所以没有对话：请在终端里运行，或用 --ask TEXT / --demo", file=sys.stderr)
+        print("提示：stdin 不是终端，也没有输入，所以没有对话：请在终端里运行，或用 --ask TEXT / --demo",
+              file=sys.stderr)
     if args.save:
         chat.write(f"（对话记录已写入 {chat.save(args.save)}）\n")
 
@@ -410,7 +389,8 @@ def parse_chat_request(raw, options, engine):
     if isinstance(body, dict):
         for key in body:
             if key in REFUSED and body[key] is not None:
-                raise BadRequest(f"'{key}' is not supported by this server ({REFUSED[key]})", key, "unsupported_parameter")
+                raise BadRequest(f"'{key}' is not supported by this server ({REFUSED[key]})", key,
+                                 "unsupported_parameter")
     try:
         request = api_models().model_validate_json(raw)
     except ValidationError as error:
@@ -489,27 +469,89 @@ async def stream_pieces(replies):
                 break
 
 
+def api_error(status, message, param=None, code=None, kind="invalid_request_error"):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+class Completion:
+    """The answer to one chat-completions request: its n replies, as one JSON object or as Server-Sent Events."""
+
+    def __init__(self, model_id, replies, logprobs):
+        self.model_id, self.replies, self.want_logprobs = model_id, replies, logprobs
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def usage(self):
+        prompt, completion = self.replies[0].prompt_tokens, sum(r.completion_tokens for r in self.replies)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def logprobs(self, entries):
+        return logprobs_json(entries) if self.want_logprobs else None
+
+    def cancel(self):  # the client went away, or the answer is complete: stop generating
+        for reply in self.replies:
+            reply.cancel()
+
+    async def whole(self):
+        try:
+            async for _, item in stream_pieces(self.replies):
+                if isinstance(item, Exception):
+                    return api_error(500, f"generation failed: {first_line(item)}", kind="server_error")
+        finally:
+            self.cancel()
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "finish_reason": r.finish_reason, "logprobs": self.logprobs(r.logprobs)}
+                            for i, r in enumerate(self.replies)],
+                "usage": self.usage()}
+
+    def chunk(self, choices, **more):
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
+                "choices": choices, **more}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def events(self, include_usage):
+        """Server-Sent Events, as OpenAI streams them: a role chunk, the text pieces, [usage,] [DONE]."""
+        replies, sent = self.replies, [0] * len(self.replies)  # logprob entries already sent, per choice
+        try:
+            yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                               "logprobs": None} for i in range(len(replies))])
+            async for i, item in stream_pieces(replies):
+                if isinstance(item, Exception):
+                    raise item
+                entries, sent[i] = replies[i].logprobs[sent[i]:], len(replies[i].logprobs)
+                delta = {"content": item} if item is not None else {}
+                yield self.chunk([{"index": i, "delta": delta, "logprobs": self.logprobs(entries),
+                                   "finish_reason": None if item is not None else replies[i].finish_reason}])
+            if include_usage:
+                yield self.chunk([], usage=self.usage())  # OpenAI's usage chunk has no choices
+            yield "data: [DONE]\n\n"
+        except Exception as failure:
+            payload = {"error": {"message": f"generation failed: {first_line(failure)}", "type": "server_error"}}
+            yield f"data: {json.dumps(payload)}\n\n"
+        finally:  # also runs when the client goes away mid-answer: its generation stops
+            self.cancel()
+
+
 def build_api_app(engine, options, model_id, api_key=None):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
     app = FastAPI(title=f"OpenAI-compatible API · {model_id}")
     created = int(time.time())
 
-    def error(status, message, param=None, code=None, kind="invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
     def unauthorized(request):
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return error(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY').",
-                         code="invalid_api_key")
+            return api_error(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY').",
+                             code="invalid_api_key")
         return None
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         if denied := unauthorized(request):
             return denied
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "local"}]}
+        model = {"id": model_id, "object": "model", "created": created, "owned_by": "local"}
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -521,57 +563,15 @@ def build_api_app(engine, options, model_id, api_key=None):
             # trim=False: an API client sends the whole conversation it wants, so nothing is left out silently
             replies = [engine.reply(messages, asked, trim=False, seed=seed) for seed in seeds]
         except BadRequest as bad:
-            return error(400, str(bad), bad.param, bad.code)
+            return api_error(400, str(bad), bad.param, bad.code)
         except PromptError as bad:
-            return error(400, str(bad), "messages", "context_length_exceeded" if isinstance(bad, ContextTooLong) else None)
-        ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = lambda: {"prompt_tokens": replies[0].prompt_tokens,
-                         "completion_tokens": sum(r.completion_tokens for r in replies),
-                         "total_tokens": replies[0].prompt_tokens + sum(r.completion_tokens for r in replies)}
-        logprobs = lambda entries: logprobs_json(entries) if asked.logprobs else None
-
+            too_long = "context_length_exceeded" if isinstance(bad, ContextTooLong) else None
+            return api_error(400, str(bad), "messages", too_long)
+        completion = Completion(model_id, replies, asked.logprobs)
         if not stream:
-            try:
-                async for _, item in stream_pieces(replies):
-                    if isinstance(item, Exception):
-                        return error(500, f"generation failed: {first_line(item)}", kind="server_error")
-            finally:
-                for reply in replies:
-                    reply.cancel()
-            return {"id": ident, "object": "chat.completion", "created": now, "model": model_id,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                                 "finish_reason": r.finish_reason, "logprobs": logprobs(r.logprobs)}
-                                for i, r in enumerate(replies)],
-                    "usage": usage()}
-
-        def chunk(choices, **more):
-            data = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                    "choices": choices, **more}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        async def events():  # Server-Sent Events, as OpenAI streams them
-            sent = [0] * n  # logprob entries already sent, per choice
-            try:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None} for i in range(n)])
-                async for i, item in stream_pieces(replies):
-                    if isinstance(item, Exception):
-                        raise item
-                    entries, sent[i] = replies[i].logprobs[sent[i]:], len(replies[i].logprobs)
-                    delta = {"content": item} if item is not None else {}
-                    yield chunk([{"index": i, "delta": delta, "logprobs": logprobs(entries),
-                                  "finish_reason": None if item is not None else replies[i].finish_reason}])
-                if include_usage:
-                    yield chunk([], usage=usage())  # OpenAI's usage chunk has no choices
-                yield "data: [DONE]\n\n"
-            except Exception as failure:
-                payload = {"error": {"message": f"generation failed: {first_line(failure)}", "type": "server_error"}}
-                yield f"data: {json.dumps(payload)}\n\n"
-            finally:  # also runs when the client goes away mid-answer: its generation stops
-                for reply in replies:
-                    reply.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await completion.whole()
+        return StreamingResponse(completion.events(include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     return app
 
@@ -587,7 +587,8 @@ def check_port(host, port):
         try:
             probe.bind((host, port))
         except socket.gaierror:
-            raise UserError(f"--host {host} 不是本机的地址：用 127.0.0.1（只有本机能访问）或 0.0.0.0（局域网也能访问）") from None
+            raise UserError(f"--host {host} 不是本机的地址：用 127.0.0.1（只有本机能访问）"
+                            f"或 0.0.0.0（局域网也能访问）") from None
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise UserError(f"端口 {host}:{port} 已被占用：用 --port 换一个，或先关掉占用它的程序") from None
@@ -595,11 +596,19 @@ def check_port(host, port):
                             f"--port 用 1024 以上的端口") from None
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Task 0：在终端、网页或 OpenAI 风格的 API 里和本地模型聊天")
+def dtype_name(text):
+    return OLD_DTYPE_NAMES.get(text, text)
+
+
+def parse_arguments(argv=None):
+    p = ArgumentParser(description="Task 0：在终端、网页或 OpenAI 风格的 API 里和本地模型聊天")
     p.add_argument("--model", default=DEFAULT_MODEL, help="模型目录或 🤗 hub id（默认 %(default)s）")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES, "nf4"], help="nf4：bitsandbytes 4-bit")
+    p.add_argument("--device", default="auto", help="auto、cpu、cuda 或 cuda:N")
+    # float32 / float16 / bfloat16 (the earlier spellings) still work; nf4 is the earlier --quant 4bit
+    p.add_argument("--dtype", default="auto", type=dtype_name, choices=[*DTYPE_CHOICES, "nf4"],
+                   metavar="{" + ",".join(DTYPE_CHOICES) + "}", help="auto：GPU 上 bf16/fp16，CPU 上 fp32")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "4bit"],
+                   help="4bit = bitsandbytes NF4；auto：ChatGLM2 在半精度装不下时用 4bit")
     p.add_argument("--trust-remote-code", action="store_true", help="允许模型自带的代码（ChatGLM-6B 第一代会自动打开）")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.8, help="0 表示贪心解码")
@@ -617,10 +626,11 @@ def parse_args():
     p.add_argument("--api-key", default=None, help="API：要求 Authorization: Bearer KEY")
     p.add_argument("--batching", default="auto", choices=["auto", "paged", "generate"],
                    help="并发请求怎样一起算：auto = 模型支持时用连续批处理（continuous batching），否则批量 generate")
-    p.add_argument("--convert", nargs=2, metavar=("SRC", "OUT"), help="把 THUDM 的 ChatGLM2 目录转成原生 glm 目录后退出")
-    args, unknown = p.parse_known_args()  # a notebook kernel passes its own arguments: ignore them
-    if unknown and "ipykernel" not in sys.modules:
-        print(f"提示：忽略不认识的参数 {' '.join(unknown)}（python ChatGLM.py --help 查看全部参数）", file=sys.stderr)
+    p.add_argument("--convert", nargs=2, metavar=("SRC", "OUT"),
+                   help="把 THUDM 的 ChatGLM2 目录转成原生 glm 目录后退出")
+    args = parse_args(p, argv)
+    if args.dtype == "nf4":
+        args.dtype, args.quant = "auto", "4bit"
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("需要 --max-new-tokens ≥ 1、--temperature ≥ 0、0 < --top-p ≤ 1")
     if args.port is not None and not 0 < args.port < 65536:
@@ -628,23 +638,20 @@ def parse_args():
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_arguments(argv)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a console that cannot show Chinese gets '?', not a crash
     if args.convert:
-        try:
-            convert_chatglm2.convert(*args.convert)
-        except convert_chatglm2.ConversionError as error:
-            raise UserError(str(error)) from None
+        convert_chatglm2.convert(*args.convert)
         return
     port = args.port or (8000 if args.api else 7860)
     if args.web or args.api:
         check_port(args.host, port)
     options = Options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     print(f"正在加载 {args.model} …", file=sys.stderr)
-    model, tokenizer, device = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, tokenizer, device = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.quant)
     name = Path(args.model.rstrip("/")).name
     engine = ChatEngine(model, tokenizer, name, batching=args.batching, sampling=args.temperature > 0)
     how = "连续批处理 continuous batching" if engine.paged else "批量 generate"
@@ -659,7 +666,8 @@ def front_end(engine, options, args, name, port):
     if args.web:
         if "COLAB_RELEASE_TAG" in os.environ and not args.share:
             print("提示：在 Colab 上请加 --share，才能在浏览器里打开网页。", file=sys.stderr)
-        build_web_app(engine, options, args.system).queue().launch(server_name=args.host, server_port=port, share=args.share)
+        page = build_web_app(engine, options, args.system)
+        page.queue().launch(server_name=args.host, server_port=port, share=args.share)
     elif args.api:
         import uvicorn
         print(f"OpenAI 兼容接口：http://{args.host}:{port}/v1  （model = {name!r}）", file=sys.stderr)
@@ -669,15 +677,4 @@ def front_end(engine, options, args, name, port):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        sys.stdout.flush()
-    except (UserError, SaveError) as failure:
-        print(f"错误：{failure}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C while loading the model or outside a reply
-        print("\n（已中断）", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # `python ChatGLM.py --ask ... | head`: the reader left; leave quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail
-        sys.exit(1)
+    run_main(main)

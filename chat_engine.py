@@ -34,6 +34,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from course_utils import UserError, atomic_path
+
 
 class PromptError(ValueError):
     """The conversation cannot become a prompt: a 400 for the API, a one-line note in the terminal."""
@@ -41,10 +43,6 @@ class PromptError(ValueError):
 
 class ContextTooLong(PromptError):
     pass
-
-
-class SaveError(OSError):
-    """A transcript that cannot be written: said in one sentence, and the chat goes on."""
 
 
 @dataclass
@@ -301,7 +299,9 @@ class Reply:
 
     def _visible(self, final):
         """(the part of the reply that may be shown now, whether a stop string or user turn was found)."""
-        text = self.decoded if self.decoded is not None else self.engine.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.decoded
+        if text is None:
+            text = self.engine.tokenizer.decode(self.ids, skip_special_tokens=True)
         text = text.lstrip()
         if not final:  # a trailing '\ufffd' is half of a character (byte-level BPE): wait for the rest
             text = text.rstrip("\ufffd")
@@ -504,7 +504,8 @@ class Batched:
         if o.seed is not None:
             torch.manual_seed(o.seed)
         device = engine.model.device
-        engine.model.generate(input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
+        engine.model.generate(input_ids=torch.tensor(rows, device=device),
+                              attention_mask=torch.tensor(mask, device=device),
                               generation_config=config, streamer=streamer, logits_processor=processors or None,
                               stopping_criteria=StoppingCriteriaList([streamer]))
 
@@ -647,7 +648,8 @@ class StreamChat:
         error = None
         try:
             with self.lock:
-                for text, _ in engine.model.stream_chat(engine.tokenizer, query, history, max_length=engine.context_window,
+                for text, _ in engine.model.stream_chat(engine.tokenizer, query, history,
+                                                        max_length=engine.context_window,
                                                         max_new_tokens=o.max_new_tokens, **sampling):
                     if reply.cancelled.is_set():
                         break
@@ -744,7 +746,7 @@ class Chat:
         elif command == "/save":
             try:
                 self.write(f"（已保存到 saved to {self.save(argument)}）\n" if argument else "用法 usage：/save FILE\n")
-            except SaveError as error:
+            except UserError as error:  # a transcript that cannot be written: said in one sentence, the chat goes on
                 self.write(f"{error}\n")
         elif command == "/set":
             self.write(self.set(argument) + "\n")
@@ -779,12 +781,10 @@ class Chat:
         text = (json.dumps(self.messages(), ensure_ascii=False, indent=2) if path.suffix == ".json"
                 else self.markdown(title))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(text, encoding="utf-8")
-            partial.replace(path)
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(text, encoding="utf-8")
         except OSError as error:
-            raise SaveError(f"无法写入 cannot write {path}（{error.strerror or error}）：换一个文件名或目录") from None
+            raise UserError(f"无法写入 cannot write {path}（{error.strerror or error}）：换一个文件名或目录") from None
         return path
 
     def markdown(self, title=None):

@@ -32,6 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from course_utils import ArgumentParser, UserError, parse_args, run_main, torch_dtype
+
 # ChatGLM2's tokenizer appends these five tokens after the sentencepiece vocabulary, in this order.
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 SHARD_BYTES = 1 << 30  # 1 GiB output shards: with save_file's own copy, peak memory stays near 2 GiB + a tensor
@@ -46,16 +48,20 @@ CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='', round=0, asked=false) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}"
-    "{%- if ns.round > 0 -%}{{ raise_exception('ChatGLM2 has no system role: a system message can only come first') }}{%- endif -%}"
+    "{%- if ns.round > 0 -%}"
+    "{{ raise_exception('ChatGLM2 has no system role: a system message can only come first') }}{%- endif -%}"
     "{%- set ns.system = ns.system ~ message['content'] -%}"
     "{%- elif message['role'] == 'user' -%}"
-    "{%- if ns.asked -%}{{ raise_exception('ChatGLM2 conversations must alternate user and assistant messages') }}{%- endif -%}"
+    "{%- if ns.asked -%}"
+    "{{ raise_exception('ChatGLM2 conversations must alternate user and assistant messages') }}{%- endif -%}"
     "{%- set ns.round = ns.round + 1 -%}"
-    "{%- set question = (ns.system ~ '\\n\\n' ~ message['content']) if ns.round == 1 and ns.system else message['content'] -%}"
+    "{%- set question = (ns.system ~ '\\n\\n' ~ message['content']) if ns.round == 1 and ns.system "
+    "else message['content'] -%}"
     "{{- '[Round ' ~ ns.round ~ ']\\n\\n问：' ~ question -}}"
     "{%- set ns.asked = true -%}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{%- if not ns.asked -%}{{ raise_exception('ChatGLM2 conversations must alternate user and assistant messages') }}{%- endif -%}"
+    "{%- if not ns.asked -%}"
+    "{{ raise_exception('ChatGLM2 conversations must alternate user and assistant messages') }}{%- endif -%}"
     "{{- '\\n\\n答：' ~ message['content'] ~ '\\n\\n' -}}"
     "{%- set ns.asked = false -%}"
     "{%- else -%}{{ raise_exception('ChatGLM2 knows the roles system, user and assistant, not ' ~ message['role']) }}"
@@ -65,10 +71,6 @@ CHAT_TEMPLATE = (
 )
 
 
-class ConversionError(Exception):
-    """SRC or OUT is not what we can convert: one sentence that says why and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. What SRC is
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ConversionError(f"无法读取 {path}（{error}）：它应是 ChatGLM2 发布目录里的 JSON 文件") from None
+        raise UserError(f"无法读取 {path}（{error}）：它应是 ChatGLM2 发布目录里的 JSON 文件") from None
 
 
 def is_chatglm_v1(config):
@@ -86,29 +88,33 @@ def is_chatglm_v1(config):
 
 
 def check_chatglm2(config, src):
-    """Raises a one-sentence ConversionError unless config.json describes a ChatGLM2/ChatGLM3-architecture model."""
+    """Raises a one-sentence UserError unless config.json describes a ChatGLM2/ChatGLM3-architecture model."""
     model_type = config.get("model_type")
     if model_type == "glm":
-        raise ConversionError(f"{src} 已经是 transformers 原生的 glm 目录，不需要转换：直接 --model {src}")
+        raise UserError(f"{src} 已经是 transformers 原生的 glm 目录，不需要转换：直接 --model {src}")
     if model_type != "chatglm":
-        raise ConversionError(f"{src} 不是 ChatGLM2 目录（config.json 的 model_type 是 {model_type!r}，应为 'chatglm'）")
+        raise UserError(f"{src} 不是 ChatGLM2 目录（config.json 的 model_type 是 {model_type!r}，应为 'chatglm'）")
     if is_chatglm_v1(config):
-        raise ConversionError(f"{src} 是 ChatGLM-6B 第一代（二维位置编码，结构不同），不能转换：它只能用 THUDM 的 remote code，"
-                              f"请在单独的环境里 pip install -r requirements-chatglm.txt 后运行")
+        raise UserError(f"{src} 是 ChatGLM-6B 第一代（二维位置编码，结构不同），不能转换："
+                        "它只能用 THUDM 的 remote code，"
+                        "请在单独的环境里 pip install -r requirements-chatglm.txt 后运行")
     required = ["num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size",
                 "padded_vocab_size", "layernorm_epsilon"]
-    missing = [key for key in required if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool)]
+    missing = [key for key in required
+               if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool)]
     if missing:
-        raise ConversionError(f"{src}/config.json 缺少 ChatGLM2 的字段 {', '.join(missing)}：请放入完整的 THUDM/chatglm2-6b(-int4) 文件")
+        raise UserError(f"{src}/config.json 缺少 ChatGLM2 的字段 {', '.join(missing)}：请放入完整的 "
+                        "THUDM/chatglm2-6b(-int4) 文件")
     chatglm2_settings = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
                          "apply_residual_connection_post_layernorm": False}
     for key, wanted in chatglm2_settings.items():
         if config.get(key, wanted) != wanted:
-            raise ConversionError(f"{src} 的 {key}={config[key]}，与 ChatGLM2 的结构不同，transformers 的 glm 模型无法表示")
+            raise UserError(f"{src} 的 {key}={config[key]}，与 ChatGLM2 的结构不同，transformers 的 glm 模型无法表示")
     if config.get("pre_seq_len"):
-        raise ConversionError(f"{src} 是 P-Tuning v2 的前缀模型（pre_seq_len={config['pre_seq_len']}），不能转换：请用原始 ChatGLM2 权重")
+        raise UserError(f"{src} 是 P-Tuning v2 的前缀模型（pre_seq_len={config['pre_seq_len']}），不能转换：请用原始 "
+                        "ChatGLM2 权重")
     if config.get("quantization_bit", 0) not in (0, 4, 8):
-        raise ConversionError(f"{src} 的 quantization_bit={config['quantization_bit']}：只认识 0、4 和 8")
+        raise UserError(f"{src} 的 quantization_bit={config['quantization_bit']}：只认识 0、4 和 8")
 
 
 def glm_dtype(config):
@@ -156,12 +162,14 @@ class Checkpoint:
                 shards = sorted(set(weight_map.values()))
                 absent = [s for s in shards if not (self.src / s).exists()]
                 if absent:
-                    raise ConversionError(f"{self.src} 缺少权重分片 {', '.join(absent)}（{index_name} 里列出了它们）：请下载完整")
+                    raise UserError(f"{self.src} 缺少权重分片 {', '.join(absent)}（{index_name} 里列出了它们）："
+                                    "请下载完整")
                 return [self.src / s for s in shards]
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (self.src / single).exists():
                 return [self.src / single]
-        raise ConversionError(f"{self.src} 里没有权重文件（model.safetensors、pytorch_model.bin 或带 index.json 的分片）：请下载完整")
+        raise UserError(f"{self.src} 里没有权重文件（model.safetensors、pytorch_model.bin 或带 index.json 的分片）："
+                        "请下载完整")
 
     def _handle(self, shard):
         if shard not in self._open:
@@ -171,7 +179,8 @@ class Checkpoint:
                 else:  # mmap: only the tensors we touch are read; weights_only: no pickled code runs
                     self._open[shard] = load_bin(shard)
             except Exception as error:
-                raise ConversionError(f"无法读取权重文件 {shard}（{str(error).splitlines()[0][:200]}）：文件可能不完整，请重新下载") from None
+                raise UserError(f"无法读取权重文件 {shard}（{str(error).splitlines()[0][:200]}）：文件可能不完整，"
+                                "请重新下载") from None
         return self._open[shard]
 
     def get(self, name):
@@ -242,19 +251,21 @@ def converted_tensors(checkpoint, config):
         if bits and tensor.dtype == torch.int8 and name.rsplit(".", 2)[-2] in QUANTIZED:
             scale_name = name + "_scale"
             if scale_name not in checkpoint.where:
-                raise ConversionError(f"{checkpoint.src} 的 config.json 说 quantization_bit={bits}，但 {name} 没有 weight_scale")
+                raise UserError(f"{checkpoint.src} 的 config.json 说 quantization_bit={bits}，但 {name} 没有 "
+                                "weight_scale")
             tensor = dequantize(tensor, checkpoint.get(scale_name), bits)
         if name in TOP_LEVEL:
             yield TOP_LEVEL[name], tensor
             continue
         match = LAYER.fullmatch(name)
         if match is None or (match.group(2) not in RENAMES and "query_key_value" not in match.group(2)):
-            raise ConversionError(f"{checkpoint.src} 里有 ChatGLM2 没有的张量 {name}：这不是 ChatGLM2 的权重")
+            raise UserError(f"{checkpoint.src} 里有 ChatGLM2 没有的张量 {name}：这不是 ChatGLM2 的权重")
         prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
         if "query_key_value" in rest:  # [q heads | k groups | v groups] along the output dimension
             kind = rest.rsplit(".", 1)[-1]  # weight or bias
             if tensor.shape[0] != sum(qkv_sizes):
-                raise ConversionError(f"{name} 有 {tensor.shape[0]} 行，但 config.json 的头数算出 {sum(qkv_sizes)}：权重与配置不符")
+                raise UserError(f"{name} 有 {tensor.shape[0]} 行，但 config.json 的头数算出 {sum(qkv_sizes)}："
+                                "权重与配置不符")
             for part, piece in zip("qkv", torch.split(tensor, qkv_sizes, dim=0)):
                 yield f"{prefix}self_attn.{part}_proj.{kind}", piece
         else:
@@ -279,8 +290,8 @@ def write_weights(checkpoint, config, work, expected, shard_bytes=SHARD_BYTES):
     bar = tqdm(total=len(expected), desc="转换 ChatGLM2 权重", unit="tensor")
     for name, tensor in converted_tensors(checkpoint, config):
         if tuple(tensor.shape) != expected.get(name, tuple(tensor.shape)):
-            raise ConversionError(f"{checkpoint.src} 的张量 {name} 形状是 {tuple(tensor.shape)}，config.json 算出 "
-                                  f"{expected[name]}：权重与配置不符")
+            raise UserError(f"{checkpoint.src} 的张量 {name} 形状是 {tuple(tensor.shape)}，config.json 算出 "
+                            f"{expected[name]}：权重与配置不符")
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > shard_bytes:
             flush()
@@ -297,7 +308,7 @@ def write_weights(checkpoint, config, work, expected, shard_bytes=SHARD_BYTES):
         weight_map.update({name: final for name in names})
     missing = sorted(set(expected) - set(weight_map))
     if missing:
-        raise ConversionError(f"{checkpoint.src} 缺少张量 {missing[0]} 等 {len(missing)} 个：权重不完整，请重新下载")
+        raise UserError(f"{checkpoint.src} 缺少张量 {missing[0]} 等 {len(missing)} 个：权重不完整，请重新下载")
     if total > 1:
         total_size = sum((work / f).stat().st_size for f in set(weight_map.values()))
         (work / "model.safetensors.index.json").write_text(json.dumps(
@@ -318,20 +329,21 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
     src, out = Path(src).expanduser(), Path(out).expanduser()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     if not src.is_dir():
-        raise ConversionError(f"找不到目录 {src}：请先下载 THUDM/chatglm2-6b-int4（或 chatglm2-6b）到这里")
+        raise UserError(f"找不到目录 {src}：请先下载 THUDM/chatglm2-6b-int4（或 chatglm2-6b）到这里")
     if not (src / "config.json").exists():
-        raise ConversionError(f"{src} 里没有 config.json：这不是 ChatGLM2 的发布目录")
+        raise UserError(f"{src} 里没有 config.json：这不是 ChatGLM2 的发布目录")
     config = read_json(src / "config.json")
     check_chatglm2(config, src)
     names = [config.get("_name_or_path", "")]
     if (src / "tokenizer_config.json").exists():
         names.append(read_json(src / "tokenizer_config.json").get("name_or_path", ""))
     if any("chatglm3" in str(name).lower() for name in names):  # same weights layout, another prompt format
-        raise ConversionError(f"{src} 是 ChatGLM3：它的对话格式（<|user|> 等特殊 token）和 ChatGLM2 不同，这个转换器只支持 ChatGLM2")
+        raise UserError(f"{src} 是 ChatGLM3：它的对话格式（<|user|> 等特殊 token）和 ChatGLM2 不同，这个转换器只支持 "
+                        "ChatGLM2")
     if out.exists():
-        raise ConversionError(f"{out} 已经存在：换一个输出目录，或先删掉它")
+        raise UserError(f"{out} 已经存在：换一个输出目录，或先删掉它")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ConversionError(f"输出目录 {out} 不能在源目录 {src} 里面")
+        raise UserError(f"输出目录 {out} 不能在源目录 {src} 里面")
     started = time.time()
     glm = glm_config(config)
     expected = expected_shapes(glm)
@@ -341,17 +353,18 @@ def convert(src, out, quiet=False, shard_bytes=SHARD_BYTES):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConversionError(f"无法创建 {out.parent}（{error.strerror}）：换一个输出目录") from None
+        raise UserError(f"无法创建 {out.parent}（{error.strerror}）：换一个输出目录") from None
     free = shutil.disk_usage(out.parent).free
     if free < need * 1.05:
-        raise ConversionError(f"{out.parent} 只剩 {free / 2**30:.1f} GB 磁盘空间，转换结果约 {need / 2**30:.1f} GB：请先腾出空间")
+        raise UserError(f"{out.parent} 只剩 {free / 2**30:.1f} GB 磁盘空间，转换结果约 {need / 2**30:.1f} GB："
+                        "请先腾出空间")
     remove_abandoned_work(out, say)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"  # a hidden sibling: same file system, so rename is atomic
     try:
         work.mkdir()
     except OSError as error:
-        raise ConversionError(f"无法在 {out.parent} 里写入（{error.strerror}）：用 python ChatGLM.py --convert SRC OUT "
-                              f"把结果写到一个可写的目录，再 --model OUT") from None
+        raise UserError(f"无法在 {out.parent} 里写入（{error.strerror}）：用 python ChatGLM.py --convert SRC OUT "
+                        f"把结果写到一个可写的目录，再 --model OUT") from None
     try:
         say(f"把 {src} 转成 transformers 原生格式，写到 {out}（约 {need / 2**30:.1f} GB）…")
         write_weights(checkpoint, config, work, expected, shard_bytes)
@@ -403,11 +416,11 @@ def read_sentencepiece(path):
     try:
         proto.ParseFromString(Path(path).read_bytes())
     except OSError:
-        raise ConversionError(f"{path.parent} 里没有 tokenizer.model：请放入完整的 ChatGLM2 文件") from None
+        raise UserError(f"{path.parent} 里没有 tokenizer.model：请放入完整的 ChatGLM2 文件") from None
     except Exception:
         proto.Clear()
     if not proto.pieces:
-        raise ConversionError(f"{path} 不是 sentencepiece 模型（GLM-4 之类的 tiktoken 词表不属于 ChatGLM2）")
+        raise UserError(f"{path} 不是 sentencepiece 模型（GLM-4 之类的 tiktoken 词表不属于 ChatGLM2）")
     return proto
 
 
@@ -442,7 +455,8 @@ def build_tokenizer(src, config=None):
     elif proto.trainer_spec.model_type == 1:  # Unigram
         vocab = pieces
     else:
-        raise ConversionError(f"{src}/tokenizer.model 是 sentencepiece 的 {proto.trainer_spec.model_type} 型模型，ChatGLM2 用的是 BPE")
+        raise UserError(f"{src}/tokenizer.model 是 sentencepiece 的 {proto.trainer_spec.model_type} 型模型，ChatGLM2 "
+                        "用的是 BPE")
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
 
     # sentencepiece's <unk>, <s>, </s> keep their ids; ChatGLM2's five special tokens follow its vocabulary: ids
@@ -456,7 +470,7 @@ def build_tokenizer(src, config=None):
                                 for name in names])
     first = len(pieces)
     if [backend.token_to_id(name) for name in names] != list(range(first, first + len(names))):
-        raise ConversionError(f"{src}/tokenizer.model：无法让 {', '.join(names)} 保持 ChatGLM2 的编号 {first}…{first + 4}")
+        raise UserError(f"{src}/tokenizer.model：无法让 {', '.join(names)} 保持 ChatGLM2 的编号 {first}…{first + 4}")
     gmask, sop = names[1], names[3]
     eos_id = proto.trainer_spec.eos_id if proto.trainer_spec.eos_id >= 0 else 2
     eos_piece = proto.pieces[eos_id].piece
@@ -516,29 +530,30 @@ def nf4_kwargs(device, compute_dtype):
             "device_map": {"": 0} if device == "cuda" else {"": "cpu"}}
 
 
-def loading_plan(glm_dir, device, dtype_name="auto"):
+def loading_plan(glm_dir, device, dtype_name="auto", quant="auto"):
     """Chooses how to load a converted ChatGLM2 and says how much memory that needs.
 
-    auto: float16 on a GPU whose free memory holds it (bfloat16 on a CPU whose RAM does), otherwise 4-bit NF4.
-    float32 / float16 / bfloat16: exactly that dtype; nf4: 4-bit. Returns (from_pretrained kwargs, one line)."""
+    dtype auto: float16 on a GPU, bfloat16 on a CPU; fp32 / fp16 / bf16: exactly that. quant 4bit: 4-bit NF4;
+    auto: NF4 when the free memory does not hold the half-precision weights.
+    Returns (from_pretrained kwargs, one line for the user)."""
     from transformers import AutoConfig
     glm = AutoConfig.from_pretrained(glm_dir)
     half = torch.float16 if device == "cuda" else torch.bfloat16
     headroom = 1.5 * 2**30  # activations, the KV cache and the framework itself
     free = available_memory(device)
-    if dtype_name == "auto":
-        dtype_name = str(half).split(".")[-1] if estimate_bytes(glm, half) + headroom < free else "nf4"
+    dtype = half if dtype_name == "auto" else torch_dtype(dtype_name)
+    too_big = estimate_bytes(glm, dtype) + headroom >= free
     where = "显存" if device == "cuda" else "内存"
-    if dtype_name == "nf4":
+    if quant == "4bit" or (quant == "auto" and dtype_name == "auto" and too_big):
         need = estimate_bytes(glm, half, four_bit=True)
         kwargs = {"dtype": half, **nf4_kwargs(device, half)}
         how = "4-bit NF4（bitsandbytes）"
     else:
-        dtype = getattr(torch, dtype_name)
         need = estimate_bytes(glm, dtype)
         kwargs = {"dtype": dtype}
-        how = dtype_name
-    note = f"以 {how} 加载 {glm_dir}，权重约需 {need / 2**30:.1f} GB {where}（另加约 1.5 GB 运行开销；当前可用 {free / 2**30:.1f} GB）"
+        how = str(dtype).split(".")[-1]
+    note = (f"以 {how} 加载 {glm_dir}，权重约需 {need / 2**30:.1f} GB {where}"
+            f"（另加约 1.5 GB 运行开销；当前可用 {free / 2**30:.1f} GB）")
     return kwargs, note
 
 
@@ -551,17 +566,12 @@ def native_dir_for(src, wanted=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0].startswith("-"):
-        print("用法：python convert_chatglm2.py SRC OUT   （SRC：THUDM 发布的 ChatGLM2 目录；OUT：新目录）", file=sys.stderr)
-        return 2
-    try:
-        convert(*argv)
-    except ConversionError as error:
-        print(f"错误：{error}", file=sys.stderr)
-        return 1
-    return 0
+    p = ArgumentParser(description="把 THUDM 发布的 ChatGLM2 目录转成 transformers 原生的 glm 目录")
+    p.add_argument("src", metavar="SRC", help="THUDM 发布的 ChatGLM2 目录")
+    p.add_argument("out", metavar="OUT", help="新目录（不能已经存在）")
+    args = parse_args(p, argv)
+    convert(args.src, args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

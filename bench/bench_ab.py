@@ -13,14 +13,17 @@ in a cache directory, with a vocab.txt laid out like the real one ([PAD], [unuse
 
 Run:  python bench/bench_ab.py [--repeats 3] [--dir /tmp/ab_bench_bert-base-chinese-random]
 """
-import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, parse_args, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "A+B_Problem.py"
@@ -81,15 +84,15 @@ def timed(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if p.returncode:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+        raise UserError(f"{' '.join(map(str, cmd))} failed: {p.stderr.strip().splitlines()[-1:]}")
     return seconds, p.stdout
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ab_bench_bert-base-chinese-random")
-    args, _ = parser.parse_known_args()
+    args = parse_args(parser, argv)
     build_model(args.dir)
     baseline = [sys.executable, "-c", BASELINE, str(args.dir), json.dumps(QUESTIONS, ensure_ascii=False)]
     ours_json = args.dir / "ours.json"
@@ -105,7 +108,7 @@ def main():
     our_answers = [q["answer"] for q in json.loads(ours_json.read_text(encoding="utf-8"))["questions"]]
     print(f"baseline answers: {base_answers}\nours answers:     {our_answers}")
     if base_answers != our_answers:
-        sys.exit("the two sides disagree: the benchmark is not comparing the same computation")
+        raise UserError("the two sides disagree: the benchmark is not comparing the same computation.")
     base, mine = statistics.median(times["baseline"]), statistics.median(times["ours"])
     print(f"(a) BertForMaskedLM.from_pretrained + word_embeddings: median {base:.2f} s  "
           f"{[round(t, 2) for t in times['baseline']]}")
@@ -115,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,6 @@ is from sending a request to its first content chunk. Printed as ratios against 
 
 Run (under the lock, the machine is shared):  flock /work/flags/bench.lock python bench/bench_chat.py
 """
-import argparse
 import json
 import os
 import platform
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, parse_args, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -52,7 +54,7 @@ def questions(tokenizer, count):
             found.append(text)
         if len(found) == count:
             return found
-    raise SystemExit(f"only {len(found)} usable questions in {DATA}")
+    raise UserError(f"only {len(found)} usable questions in {DATA}.")
 
 
 def free_port():
@@ -67,7 +69,7 @@ def start(command, port, log):
     deadline = time.time() + 300
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{command[:3]} exited with {process.returncode}; see {log.name}")
+            raise UserError(f"{command[:3]} exited with {process.returncode}; see {log.name}.")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return process
@@ -75,7 +77,7 @@ def start(command, port, log):
             pass
         time.sleep(1)
     stop(process)
-    raise SystemExit(f"{command[:3]} did not answer within 300 s; see {log.name}")
+    raise UserError(f"{command[:3]} did not answer within 300 s; see {log.name}.")
 
 
 def stop(process):
@@ -123,7 +125,7 @@ def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True):
     for t in threads:
         t.join()
     if any("end" not in r for r in results):
-        raise SystemExit("a client failed (see the server log)")
+        raise UserError("a client failed (see the server log).")
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     return dict(one, aggregate=sum(count(r) for r in results) / (end - start), tokens=sum(count(r) for r in results),
                 ttft=max(r["first"] - r["start"] for r in results), wall=end - start)
@@ -138,21 +140,25 @@ def before_script(tmp):
                             check=True).stdout
     path = Path(tmp) / "ChatGLM_before.py"
     path.write_text(source, encoding="utf-8")
+    # its shared helper then (hub_utils.py, now part of course_utils.py) goes beside it: it imports it
+    helper = subprocess.run(["git", "show", f"{revision}:hub_utils.py"], cwd=ROOT, capture_output=True, text=True)
+    if helper.returncode == 0:
+        (Path(tmp) / "hub_utils.py").write_text(helper.stdout, encoding="utf-8")
     return path, revision
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
     p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
     p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
-    args, _ = p.parse_known_args()
+    args = parse_args(p, argv)
     if missing_reason():
-        raise SystemExit(missing_reason())
+        raise UserError(missing_reason())
     if not DATA.exists():
-        raise SystemExit(f"{DATA} is missing")
+        raise UserError(f"{DATA} is missing: the bench reads its questions from ../shared.")
     from transformers import AutoTokenizer
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -169,11 +175,11 @@ def main():
         "serve-cb": serve + ["--continuous-batching"],
     }
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
-    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32; machine: {platform.machine()} CPU, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32; machine: {platform.machine()} CPU, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    lengths = [len(tokenizer(q)["input_ids"]) for q in qs]
     print(f"{args.clients} concurrent streaming clients x {args.new_tokens} new tokens, greedy; ShareGPT questions "
-          f"of {min(len(tokenizer(q)['input_ids']) for q in qs)}-{max(len(tokenizer(q)['input_ids']) for q in qs)} tokens; "
-          f"'before' = ChatGLM.py at {revision}")
+          f"of {min(lengths)}-{max(lengths)} tokens; 'before' = ChatGLM.py at {revision}")
     rows = {}
     for name in names:
         port = free_port()
@@ -203,4 +209,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, atomic_path, cpu_supports_bf16, parse_args, run_main  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "gpt2-tokenizer"
@@ -104,8 +107,8 @@ def free_port():
 def build_gpt2(work, tiny):
     """A GPT-2 of the 124M shape (or a tiny one) with random weights and GPT-2's real tokenizer, saved like
     model/gpt2-base, and ShareGPT conversations as SFT data and as pretraining text."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     model_dir = work / "gpt2-124M-random"
     if not (model_dir / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -143,7 +146,7 @@ def step_sft(ctx, precision):
         precision = "fp32"  # mixed fp16 needs CUDA; on the CPU the step checks the rest of the path
     steps, batch = (12 if ctx.tiny else 30), 4
     common = ["--model", ctx.gpt2, "--data", ctx.sft_data, "--max-length", 256 if ctx.tiny else 1024, "--eval-size", 0]
-    run([PY, "Supervised_Fine-Tuning.py", *common, "--output", out, "--quant", quant, "--precision", precision,
+    run([PY, "Supervised_Fine-Tuning.py", *common, "--out", out, "--quant", quant, "--dtype", precision,
          "--max-steps", steps, "--batch-size", batch, "--lr", "2e-3", "--logging-steps", 1, "--save-steps", 1000],
         ctx.log, 420, env={"HF_HUB_OFFLINE": "1"})
     metrics = json.loads((out / "train_metrics.json").read_text(encoding="utf-8"))
@@ -151,7 +154,8 @@ def step_sft(ctx, precision):
     # (--dump-dataset) times the windows trained, over the Trainer's train_runtime.
     dump = ctx.work / "sft-examples.jsonl"
     if not dump.exists():
-        run([PY, "Supervised_Fine-Tuning.py", *common, "--dump-dataset", dump], ctx.log, 300, env={"HF_HUB_OFFLINE": "1"})
+        run([PY, "Supervised_Fine-Tuning.py", *common, "--dump-dataset", dump], ctx.log, 300,
+            env={"HF_HUB_OFFLINE": "1"})
     lengths = [len(json.loads(line)["input_ids"]) for line in dump.read_text(encoding="utf-8").splitlines()]
     runtime = [h["train_runtime"] for h in metrics["log_history"] if "train_runtime" in h]
     if runtime and lengths:
@@ -173,18 +177,8 @@ def step_sft(ctx, precision):
     speed = metrics.get("real_tokens_per_s")
     speed = f", about {speed:,.0f} real tokens/s" if isinstance(speed, (int, float)) else ""
     # The precision it trained in: the script itself falls back to fp32 on a CPU without bf16 units.
-    return (f"{quant} {metrics.get('precision', precision)}: loss {first:.3f} -> {last:.3f} (first/last 5 steps){speed}; "
-            "adapter loads with stock PEFT on the CPU")
-
-
-def cpu_supports_bf16():
-    """Without AVX512-BF16/AMX a CPU emulates bf16 (many times slower than fp32): the CPU run then uses fp32.
-    (Pretraining.py runs an explicit --dtype bf16 anyway, emulated; the SFT script falls back by itself.)"""
-    import torch
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
+    return (f"{quant} {metrics.get('precision', precision)}: loss {first:.3f} -> {last:.3f} "
+            f"(first/last 5 steps){speed}; adapter loads with stock PEFT on the CPU")
 
 
 def step_pretrain(ctx):
@@ -194,12 +188,13 @@ def step_pretrain(ctx):
     dtype = "bf16" if ctx.device == "cuda" or cpu_supports_bf16() else "fp32"
     cmd = [PY, "Pretraining.py", "--data", ctx.text, "--tokenizer", "gpt2", "--tokenizer-path", TOKENIZER, *size,
            "--out", out, "--max-steps", 20 if ctx.tiny else 100, "--batch-size", 8, "--dtype", dtype,
-           "--eval-interval", 50, "--eval-iters", 5, "--no-progress", "--device", ctx.device]
+           "--eval-steps", 50, "--eval-iters", 5, "--no-progress", "--device", ctx.device]
     if not ctx.tiny:
         cmd.append("--compile")
     run(cmd, ctx.log, 420, env={"HF_HUB_OFFLINE": "1"})
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return (f"{dtype}{' + torch.compile' if not ctx.tiny else ''}, {m['steps']} steps: {m['tokens_per_s']:,.0f} tokens/s, "
+    compiled = " + torch.compile" if not ctx.tiny else ""
+    return (f"{dtype}{compiled}, {m['steps']} steps: {m['tokens_per_s']:,.0f} tokens/s, "
             f"MFU {m['mfu']:.1%}, val loss {m['final_val_loss']:.3f}")
 
 
@@ -276,7 +271,7 @@ def step_chatglm2_4bit(ctx):
 
 def step_ask(ctx):
     model = converted_chatglm2(ctx)
-    quant = [] if ctx.tiny else ["--dtype", "nf4"]
+    quant = [] if ctx.tiny else ["--quant", "4bit"]
     before = len(Path(ctx.log).read_text(encoding="utf-8"))
     run([PY, "ChatGLM.py", "--model", model, "--device", ctx.device, *quant, "--ask", "你好",
          "--max-new-tokens", 8, "--temperature", 0], ctx.log, 180, env={"HF_HUB_OFFLINE": "1"})
@@ -305,7 +300,7 @@ def serve(ctx, mode):
     keeps every token tied for the top score: a tiny random model in bf16/fp16 has such ties, and then the streamed
     and the whole answer could differ.)"""
     port = free_port()
-    quant = [] if ctx.tiny else ["--dtype", "nf4"]
+    quant = [] if ctx.tiny else ["--quant", "4bit"]
     log = open(ctx.log, "a", encoding="utf-8")
     proc = subprocess.Popen([PY, "ChatGLM.py", "--model", str(converted_chatglm2(ctx)), "--device", ctx.device,
                              *quant, mode, "--port", str(port), "--max-new-tokens", "8", "--temperature", "0"],
@@ -375,32 +370,30 @@ def write_report(rows, out, device_name):
         lines.append(f"| {r['title']} | {r['status']} | {r['seconds']:.0f} s | {mem} | {detail} |")
     for name, text in (("report.md", "\n".join(lines) + "\n"),
                        ("report.json", json.dumps({"device": device_name, "steps": rows}, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)  # atomic: a report is either the old one or the whole new one
+        with atomic_path(out / name) as tmp:  # a report is either the old one or the whole new one
+            Path(tmp).write_text(text, encoding="utf-8")
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/gpu_check", help="where report.md and report.json go")
     p.add_argument("--steps", nargs="+", choices=[s[0] for s in STEPS], help="run only these steps")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no GPU (testing the check)")
     p.add_argument("--tiny", action="store_true", help="tiny GPT-2 shapes and no 4-bit (testing the check)")
-    args, _ = p.parse_known_args(argv)  # a notebook's own -f kernel.json is not ours
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_arguments(argv)
     import torch
     if not torch.cuda.is_available() and not args.allow_cpu:
-        print("No CUDA GPU on this machine: the GPU check has nothing to run (it exits 0; run it on a GPU, e.g. Colab).")
+        print("No CUDA GPU on this machine: the GPU check has nothing to run "
+              "(it exits 0; run it on a GPU, e.g. Colab).")
         return 0
     for path in (TOKENIZER, SHAREGPT, CHATGLM2):
         if not path.exists():
-            print(f"Error: {path} is missing; the GPU check needs ../shared beside the repository.", file=sys.stderr)
-            return 2
+            raise UserError(f"{path} is missing; the GPU check needs ../shared beside the repository.")
     ctx = argparse.Namespace(device="cuda" if torch.cuda.is_available() else "cpu", tiny=args.tiny,
                              work=Path(args.out).resolve() / "work")
     ctx.work.mkdir(parents=True, exist_ok=True)
@@ -431,4 +424,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

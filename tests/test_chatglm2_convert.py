@@ -1,4 +1,5 @@
-"""Task 0: ChatGLM2(-int4) in THUDM's layout → transformers' own `glm` model (convert_chatglm2.py, ChatGLM.py --convert).
+"""Task 0: ChatGLM2(-int4) in THUDM's layout → transformers' own `glm` model
+(convert_chatglm2.py, ChatGLM.py --convert).
 
 The references are ../shared/fixtures/chatglm2/*/reference.json, computed by THUDM's published remote code on
 transformers 4.41.2: logits within 1e-4, everything else exactly. Other shapes, group counts, shard layouts and
@@ -19,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import convert_chatglm2 as cg  # noqa: E402
+from course_utils import UserError  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "chatglm2"
 NAMES = ["chatglm2-tiny", "chatglm2-tiny-int4"]
@@ -103,13 +105,15 @@ def test_chat_template_is_build_prompt(converted, name):
     for question, answer in ref["history"]:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": ref["query"]})
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "[gMASK]sop" + ref["prompt"]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "[gMASK]sop" + ref["prompt"]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert list(ids) == ref["prompt_ids"]
     # ChatGLM2 has no system role: the system message goes before the first question, after a blank line.
     with_system = [{"role": "system", "content": "你是助教"}] + messages
     first_round = ref["prompt"].replace(f"问：{ref['history'][0][0]}", f"问：你是助教\n\n{ref['history'][0][0]}", 1)
-    assert tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True) == "[gMASK]sop" + first_round
+    prompt = tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
+    assert prompt == "[gMASK]sop" + first_round
     for bad in ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                 [{"role": "assistant", "content": "a"}],
                 [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]):
@@ -127,7 +131,8 @@ def f(x):
 Ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ and ① ② ③ and ﬁ ligatures. café naïve résumé. 问：你好 答：你好！
 """
 STRINGS = ["你好", "Hello, world!", "  two  spaces\nand a newline\t tab", " leading", "trailing ", "   ", "", "\n",
-           "\n\nx\n\n", "a  b   c    d", "emoji 🤗🚀 and ü", "ｈｅｌｌｏ　世界", "① ﬁ Å", "x\u200by", "soprano people eops",
+           "\n\nx\n\n", "a  b   c    d", "emoji 🤗🚀 and ü", "ｈｅｌｌｏ　世界", "① ﬁ Å", "x\u200by",
+           "soprano people eops",
            "▁already ▁meta", "tab\t\ttabs", "混合 mixed 中文 English 123 4567", "\r\n windows", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 𓀀",
            "ありがとう 감사합니다", "[Round 1]\n\n问：x\n\n答：", "a" * 50, "！？。，、", " \n \n "]
 SETTINGS = {  # what THUDM's file uses (BPE, identity, byte fallback, dummy prefix, whitespace kept), then others
@@ -202,7 +207,8 @@ def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, 
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(torch.float16 if bits else torch.float32)
+        values = torch.randn(*shape, generator=generator, dtype=torch.float32)
+        return values.to(torch.float16 if bits else torch.float32)
 
     def linear(out_features, in_features):  # (stored tensors, the dequantised weight the conversion must give)
         if not bits:
@@ -216,11 +222,13 @@ def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, 
 
     qkv_out = (heads + 2 * groups) * head_dim
     published, native = {}, {}
-    published["transformer.embedding.word_embeddings.weight"] = native["model.embed_tokens.weight"] = rand(vocab, hidden)
+    embedding = rand(vocab, hidden)
+    published["transformer.embedding.word_embeddings.weight"] = native["model.embed_tokens.weight"] = embedding
     for i in range(layers):
         old, new = f"transformer.encoder.layers.{i}.", f"model.layers.{i}."
         published[old + "input_layernorm.weight"] = native[new + "input_layernorm.weight"] = rand(hidden)
-        published[old + "post_attention_layernorm.weight"] = native[new + "post_attention_layernorm.weight"] = rand(hidden)
+        norm = rand(hidden)
+        published[old + "post_attention_layernorm.weight"] = native[new + "post_attention_layernorm.weight"] = norm
         for old_name, new_name, shape in (("self_attention.query_key_value", None, (qkv_out, hidden)),
                                           ("self_attention.dense", "self_attn.o_proj", (hidden, heads * head_dim)),
                                           ("mlp.dense_h_to_4h", "mlp.gate_up_proj", (2 * ffn, hidden)),
@@ -259,7 +267,8 @@ def make_chatglm2(directory, *, heads, groups, head_dim, hidden, ffn, layers=2, 
             from safetensors.torch import save_file
             save_file(tensors, str(directory / file), metadata={"format": "pt"})
         else:  # legacy_last_shard: torch's pre-1.6 format, which cannot be memory-mapped
-            torch.save(tensors, directory / file, _use_new_zipfile_serialization=not (legacy_last_shard and number == shards))
+            legacy = legacy_last_shard and number == shards
+            torch.save(tensors, directory / file, _use_new_zipfile_serialization=not legacy)
         weight_map.update({name: file for name in part})
     if shards > 1:
         (directory / f"{stem}.{suffix}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -309,13 +318,13 @@ def run_convert(*args, cwd=None):
 
 
 def one_sentence(result):
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("错误：")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     return line
 
 
 def refusal(src, out):
-    with pytest.raises(cg.ConversionError) as error:
+    with pytest.raises(UserError) as error:
         cg.convert(src, out, quiet=True)
     assert "\n" not in str(error.value)
     return str(error.value)
@@ -406,7 +415,8 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     """A 4-shard .bin checkpoint of ~290 MB: resident memory grows by at most one source shard's pages (memory-mapped,
     released shard by shard), one output shard (twice while safetensors writes it), one tensor and some slack,
     never by the whole checkpoint."""
-    make_chatglm2(tmp_path / "src", heads=4, groups=2, head_dim=64, hidden=1024, ffn=2816, layers=8, shards=4, fmt="bin")
+    make_chatglm2(tmp_path / "src", heads=4, groups=2, head_dim=64, hidden=1024, ffn=2816, layers=8, shards=4,
+                  fmt="bin")
     sources = [f.stat().st_size for f in (tmp_path / "src").glob("*.bin")]
     shard, largest_tensor = 16 * 2**20, 2 * 2816 * 1024 * 4
     result = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(ROOT), str(tmp_path / "src"),
@@ -431,7 +441,7 @@ def test_loading_plan_says_the_memory_and_falls_back_to_4bit(tmp_path, monkeypat
     kwargs, note = cg.loading_plan(out, "cpu")
     assert kwargs["quantization_config"].load_in_4bit and kwargs["quantization_config"].bnb_4bit_quant_type == "nf4"
     assert "NF4" in note
-    assert cg.loading_plan(out, "cpu", "float32")[0] == {"dtype": torch.float32}
+    assert cg.loading_plan(out, "cpu", "fp32")[0] == {"dtype": torch.float32}  # even when memory is short
     # chatglm2-6b's real shapes: ~6.2 B parameters, 12.5 GB in bf16, under 4 GB with NF4 linear layers
     from transformers import GlmConfig
     real = cg.glm_config({"num_layers": 28, "hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128,
@@ -449,7 +459,7 @@ def test_nf4_on_cpu_quantizes_the_decoder_linear_layers(tmp_path):
     from transformers import AutoModelForCausalLM
     make_chatglm2(tmp_path / "src", heads=4, groups=2, head_dim=16, hidden=64, ffn=128, bits=4)  # bnb's CPU blocks: 64
     out = cg.convert(tmp_path / "src", tmp_path / "out", quiet=True)
-    kwargs, note = cg.loading_plan(out, "cpu", "nf4")
+    kwargs, note = cg.loading_plan(out, "cpu", quant="4bit")
     quantized = AutoModelForCausalLM.from_pretrained(out, **kwargs)
     assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert type(quantized.lm_head).__name__ == "Linear" and quantized.lm_head.weight.dtype == torch.bfloat16
@@ -469,7 +479,7 @@ def test_ask_converts_once_then_chats(tmp_path):
     copy_fixture(NAMES[1], tmp_path / "model" / NAMES[1], marker)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
     command = [sys.executable, str(ROOT / "ChatGLM.py"), "--model", f"model/{NAMES[1]}", "--ask", "你好",
-               "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"]
+               "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "--dtype", "fp32"]
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "model" / f"{NAMES[1]}-glm"

@@ -14,10 +14,10 @@ import openai
 import pytest
 import torch
 import uvicorn
+from test_chatglm import STRICT_TEMPLATE, engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
 import chat_engine
 import ChatGLM
-from test_chatglm import STRICT_TEMPLATE, engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
 KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "你好"}]

@@ -9,10 +9,10 @@ import time
 from contextlib import nullcontext
 
 import pytest
+from test_chatglm import engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
 import chat_engine
 import ChatGLM
-from test_chatglm import engine, reference, tiny_dir  # noqa: F401  (session fixtures)
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -85,8 +85,8 @@ def test_chat_page_streams_the_answer(browser, page_url, engine, monkeypatch):  
     page.locator("#message textarea").fill("hello world")
     page.locator("#message textarea").press("Enter")
     deadline = time.time() + 60
-    while time.time() < deadline and squash(page.locator('#chatbot [data-testid="bot"]').nth(1).inner_text()
-                                            if page.locator('#chatbot [data-testid="bot"]').count() > 1 else "") != expected2:
+    answers = page.locator('#chatbot [data-testid="bot"]')
+    while time.time() < deadline and squash(answers.nth(1).inner_text() if answers.count() > 1 else "") != expected2:
         time.sleep(0.2)
     assert squash(page.locator('#chatbot [data-testid="bot"]').nth(1).inner_text()) == expected2
 

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 needs_shared = pytest.mark.skipif(not (SHARED / "fixtures" / "chatglm2").is_dir(),
-                                  reason="../shared (tokenizer, ShareGPT data, ChatGLM2 fixtures) is not beside the repo")
+                                  reason="../shared (tokenizer, ShareGPT data, ChatGLM2 fixtures) is not beside the "
+                                         "repo")
 
 
 def gpu_check(*args, env=None):

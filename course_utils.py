@@ -1,0 +1,304 @@
+"""What the course scripts share, and nothing else. Five small parts, each written once:
+
+1. Command line and errors: one `UserError` (a mistake the user can fix), printed as one sentence with one prefix
+   and one exit code by `run_main`; one rule for arguments a script does not know; old option names kept as
+   hidden aliases.
+2. Weights and data: a local directory first, then the hub cache, then a download (said aloud), else one sentence
+   that names the directory to create.
+3. Device and dtype: `--device {auto,cpu,cuda,cuda:N}` and `--dtype {auto,fp32,bf16,fp16}` mean the same everywhere.
+4. Files: atomic writes (a reader sees the old file or the whole new one, never half), and the loss-curve plot.
+5. For tests and benches: loading a script by its path (the scripts' names, like `A+B_Problem.py`, are not
+   importable names).
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from urllib.parse import urlparse
+
+# -----------------------------------------------------------------------------------------------------------------
+# 1. Command line and errors
+# -----------------------------------------------------------------------------------------------------------------
+ERROR_PREFIX = "Error: "
+USER_ERROR_EXIT = 2  # argparse's own code for a bad command line; every other user mistake exits with it too
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing file, a bad option). Its message is one sentence that says what to do;
+    `run_main` prints it after ERROR_PREFIX, without a traceback, and exits with USER_ERROR_EXIT."""
+
+
+def run_main(main):
+    """The one way every script ends: `if __name__ == "__main__": run_main(main)`.
+
+    main() returns an exit status (None means 0). A UserError becomes one line on stderr; Ctrl-C exits 130;
+    a closed pipe (`python X.py | head`) ends quietly. sys.exit is not called for status 0, because in a notebook
+    cell it would print a SystemExit notice."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except UserError as error:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; one message is enough
+            print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
+        code = USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's own flush cannot fail
+        code = 1
+    if code:
+        sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its usage errors reported like every other user error (one line, the same prefix and code)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog} --help lists the options).")
+
+    def add_alias(self, *old_names, dest, const=None):
+        """Old spellings of an option keep working but are not shown in --help: `--output` for `--out`.
+        With `const`, the old name is a flag that stores const (`--reference` is `--model-impl transformers`)."""
+        if const is None:
+            self.add_argument(*old_names, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            self.add_argument(*old_names, dest=dest, action="store_const", const=const,
+                              default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def parse_args(parser, argv=None):
+    """Parse argv. The one rule for unknown arguments: a notebook kernel's own (`-f .../kernel-1.json`, which
+    Colab and Jupyter put in sys.argv) are dropped; anything else is a UserError, since a typo that is silently
+    ignored costs a student a whole run."""
+    args, unknown = parser.parse_known_args(argv)
+    unknown = without_notebook_args(unknown)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def without_notebook_args(unknown):
+    kept, skip_next = [], False
+    for i, arg in enumerate(unknown):
+        if skip_next:
+            skip_next = False
+        elif arg == "-f" and i + 1 < len(unknown) and unknown[i + 1].endswith(".json"):
+            skip_next = True
+        elif not (arg.startswith(("-f", "--f=")) and arg.endswith(".json")):
+            kept.append(arg)
+    return kept
+
+
+def script_dir(namespace):
+    """The directory of the script whose globals() are `namespace`; the current directory when the script was
+    pasted into a notebook cell (no __file__ there: the cell runs in the repository root, after %cd)."""
+    return os.path.dirname(os.path.abspath(namespace["__file__"])) if "__file__" in namespace else os.getcwd()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 2. Weights and data: local, then the hub cache, then a download, else one sentence
+# -----------------------------------------------------------------------------------------------------------------
+# The files a model directory needs; skips gpt2's TF/Flax/ONNX copies, which would triple the download.
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+
+def hub_reachable(timeout=3.0):
+    """True if the hub (or the mirror in HF_ENDPOINT) answers a TCP connect within `timeout` seconds. Without this,
+    from_pretrained on a machine with no network retries for about a minute before it fails."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy only the hub client itself can tell
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_or_hub(path, hub_id, base_dir, filename=None, repo_type="model", patterns=MODEL_FILES, announce=None):
+    """A local copy of a model directory (or, with `filename`, of one file of a hub repository): `path` itself,
+    `path` next to the script (run from elsewhere), the hub cache from an earlier download, or a fresh download
+    of `hub_id` (saying so). When none of these works: a UserError naming what to create."""
+    local = [path] if os.path.isabs(path) else [path, os.path.join(base_dir, path)]
+    for candidate in local:
+        if os.path.isfile(candidate) if filename else os.path.isdir(candidate):
+            return candidate
+    what = f"`{filename}` of the dataset `{hub_id}`" if filename else f"the files of hub id `{hub_id}`"
+    fetch = hub_fetcher(hub_id, filename, repo_type, patterns)
+    try:  # already in the hub cache from an earlier download?
+        return fetch(local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise UserError(f"{path} not found and the Hugging Face hub cannot be reached (no network, or "
+                        f"HF_HUB_OFFLINE=1): put {what} at {path}"
+                        + ("" if filename else f" (e.g. `hf download {hub_id} --local-dir {path}` on a machine with "
+                                               f"network)") + ".")
+    (announce or (lambda text: print(text, file=sys.stderr)))(f"{path} not found: downloading {what} from the "
+                                                               f"Hugging Face hub ...")
+    try:
+        return fetch(local_files_only=False)
+    except Exception as error:
+        raise UserError(f"could not download {what} ({type(error).__name__}): put it at {path}.") from None
+
+
+def gpt2_model_class(impl="repo"):
+    """Which GPT-2 code loads the weights: "repo" = gpt2/modeling_gpt2.py (Task 4), "transformers" = the library's."""
+    if impl == "transformers":
+        from transformers import GPT2LMHeadModel
+        return GPT2LMHeadModel
+    try:
+        from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    except Exception as error:  # a missing file or an unfinished handout
+        raise UserError(f"cannot import gpt2/modeling_gpt2.py ({type(error).__name__}: {error}): finish it, or pass "
+                        f"--model-impl transformers to use transformers' GPT-2.") from None
+    return GPT2LMHeadModel
+
+
+def hub_fetcher(hub_id, filename, repo_type, patterns):
+    from huggingface_hub import hf_hub_download, snapshot_download
+    if filename:
+        return lambda **kw: hf_hub_download(hub_id, filename, repo_type=repo_type, **kw)
+
+    def fetch(**kw):
+        path = snapshot_download(hub_id, repo_type=repo_type, allow_patterns=patterns, **kw)
+        if "*.safetensors" in patterns and not any(name.endswith(".safetensors") for name in os.listdir(path)):
+            # an older model with only pytorch_model.bin: fetch that too (not always, it would double the download)
+            path = snapshot_download(hub_id, repo_type=repo_type, allow_patterns=[*patterns, "*.bin"], **kw)
+        return path
+    return fetch
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 3. Device and dtype
+# -----------------------------------------------------------------------------------------------------------------
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+
+
+def pick_device(name="auto"):
+    """--device: auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but PyTorch sees no GPU: use --device cpu "
+                        f"(or, on Colab, a GPU runtime).")
+    return name
+
+
+def cpu_supports_bf16():
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Without them (most laptops,
+    AMD before Zen 4) bf16 is emulated and slower than fp32."""
+    import torch
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def pick_dtype(name, device, cpu_bf16=None):
+    """--dtype: 'fp32', 'bf16' or 'fp16' for `device`. auto = bf16 on a GPU that has it, else fp16; on a CPU bf16
+    when `cpu_bf16` (default: the CPU has bf16 units), else fp32. fp16 on a CPU is refused: it is emulated there."""
+    import torch
+    on_gpu = str(device).startswith("cuda")
+    if name == "auto":
+        if on_gpu:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if (cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16) else "fp32"
+    if name not in DTYPE_CHOICES:
+        raise UserError(f"--dtype {name}: use one of {', '.join(DTYPE_CHOICES)}.")
+    if name == "fp16" and not on_gpu:
+        raise UserError("--dtype fp16 needs a GPU; on a CPU use --dtype bf16 or fp32.")
+    return name
+
+
+def torch_dtype(name):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 4. Files: atomic writes and the loss plot
+# -----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(out) as tmp:` write a file or a whole directory at tmp; when the block ends without an
+    error, tmp takes out's place (a rename: the reader sees the old one or the whole new one); after an error,
+    or a kill, out is untouched. tmp sits beside out (one file system) and keeps out's extension."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{name}")
+    old = tmp + ".old"
+    remove(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.exists(path):
+            os.replace(path, old)  # a directory cannot replace another in one step: move the old one aside first
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(path):
+            os.replace(old, path)  # put the previous output back
+        remove(tmp)
+        raise
+    finally:
+        remove(old)
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def plot_losses(path, train, evals=(), xlabel="step", ylabel="loss", title=None, eval_label="val"):
+    """A PNG of the training loss (a line) and the evaluation loss (dots): lists of (step, loss)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed (Colab, servers)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label=eval_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 5. For tests and benches: a script by its path
+# -----------------------------------------------------------------------------------------------------------------
+def load_script(path, name=None):
+    """Import the script at `path` as a module (once: a second call returns the same module). `A+B_Problem.py`
+    and `Check_gpt2-base.py` are not importable names, so `import` cannot do this."""
+    path = os.path.abspath(path)
+    name = name or os.path.basename(path)[:-3].replace("-", "_").replace("+", "_")
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
