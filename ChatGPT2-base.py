@@ -10,39 +10,32 @@ and the same stop rule as Task 0: the reply ends at <|endoftext|> or where the m
 
 Run:
   python ChatGPT2-base.py                                  # model/gpt2-base + adapter model/chatgpt2-base
-  python ChatGPT2-base.py --base model/chatgpt2-base-merged   # a merged model (from --merge)
+  python ChatGPT2-base.py --model model/chatgpt2-base-merged   # a merged model (from --merge)
   python ChatGPT2-base.py --ask "What is the capital of France?" --ask "And of Italy?" --save chat.md
   echo "你好" | python ChatGPT2-base.py                     # user turns from stdin
   python ChatGPT2-base.py --compare --ask "Tell me a joke."  # base GPT-2 and fine-tuned side by side
 In the chat: /help, /clear (forget the history), /save FILE (Markdown transcript), /exit.
 """
-import argparse
 import os
 import sys
 from dataclasses import dataclass
 
-# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
-HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-if HERE not in sys.path:  # so that `import gpt2.modeling_gpt2` works from any directory
-    sys.path.insert(0, HERE)
-from hub_utils import local_or_hub_model  # noqa: E402  (shared by every task script)
-from chat_engine import Chat, ChatEngine, Options, run_terminal  # noqa: E402  (shared with Task 0)
+from chat_engine import Chat, ChatEngine, Options, run_terminal  # shared with Task 0
+from course_utils import ArgumentParser, UserError, gpt2_model_class, local_or_hub, parse_args, run_main, script_dir
 
+HERE = script_dir(globals())
 DEFAULT_BASE = "model/gpt2-base"
 HUB_MODEL = "gpt2"
 DEFAULT_ADAPTER = "model/chatgpt2-base"
 
 
-def fail(message):
-    raise SystemExit(f"Error: {message}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with GPT-2 fine-tuned on ShareGPT conversations.")
-    p.add_argument("--base", default=None, help=f"base model directory or hub id (default {DEFAULT_BASE}); "
+def build_parser():
+    p = ArgumentParser(description="Chat with GPT-2 fine-tuned on ShareGPT conversations.")
+    p.add_argument("--model", default=None, help=f"base model directory or hub id (default {DEFAULT_BASE}); "
                    "given alone (without --adapter) it is taken as a merged model")
     p.add_argument("--adapter", default=None, help=f"LoRA adapter directory (default {DEFAULT_ADAPTER})")
-    p.add_argument("--reference", action="store_true", help="use transformers' GPT2LMHeadModel instead of gpt2/modeling_gpt2.py")
+    p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
+                   help="which GPT-2 code: repo = gpt2/modeling_gpt2.py (Task 4), transformers = GPT2LMHeadModel")
     p.add_argument("--system", default=None, help="an optional system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -51,11 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="fix the sampling for reproducible answers")
     p.add_argument("--ask", action="append", default=[], metavar="TEXT",
                    help="a user turn (repeatable); answers them in order, then exits")
-    p.add_argument("--compare", action="store_true", help="answer with the base model and the fine-tuned one side by side")
-    p.add_argument("--compare-base", default=DEFAULT_BASE, help="base model for --compare when --base is a merged model")
+    p.add_argument("--compare", action="store_true",
+                   help="answer with the base model and the fine-tuned one side by side")
+    p.add_argument("--compare-base", default=DEFAULT_BASE,
+                   help="base model for --compare when --model is a merged model")
     p.add_argument("--save", default=None, metavar="FILE", help="write the Markdown transcript to FILE at the end")
-    args, _ = p.parse_known_args(argv)  # tolerate a notebook kernel's own arguments
-    return args
+    # The names of earlier versions still work (not shown in --help).
+    p.add_alias("--base", dest="model")
+    p.add_alias("--reference", dest="model_impl", const="transformers")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,43 +61,33 @@ def parse_args(argv=None):
 
 def resolve_model(path):
     """Return a local directory with the model, downloading from the hub only when it is not on disk."""
-    return local_or_hub_model(path, HUB_MODEL if path == DEFAULT_BASE else path, HERE)
-
-
-def model_class(reference):
-    if reference:
-        from transformers import GPT2LMHeadModel
-        return GPT2LMHeadModel
-    try:
-        from gpt2.modeling_gpt2 import GPT2LMHeadModel
-    except Exception as e:
-        fail(f"cannot import gpt2/modeling_gpt2.py ({type(e).__name__}: {e}); finish it, or pass --reference.")
-    return GPT2LMHeadModel
+    return local_or_hub(path, HUB_MODEL if path == DEFAULT_BASE else path, HERE)
 
 
 def load_models(args):
     """Return (fine-tuned model, base model or None, tokenizer, description)."""
     import torch
     from transformers import AutoTokenizer
-    merged = args.adapter is None and args.base is not None
-    base_dir = resolve_model(args.base or DEFAULT_BASE)
+    merged = args.adapter is None and args.model is not None
+    base_dir = resolve_model(args.model or DEFAULT_BASE)
     adapter = None if merged else (args.adapter or DEFAULT_ADAPTER)
-    if adapter and not os.path.isdir(adapter) and not os.path.isabs(adapter) and os.path.isdir(os.path.join(HERE, adapter)):
+    if adapter and not os.path.isdir(adapter) and os.path.isdir(os.path.join(HERE, adapter)):  # run from elsewhere
         adapter = os.path.join(HERE, adapter)
     if adapter and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        fail(f"no fine-tuned adapter in {adapter}: run Supervised_Fine-Tuning.py first "
-             f"(or pass --base with a merged model).")
+        raise UserError(f"no fine-tuned adapter in {adapter}: run Supervised_Fine-Tuning.py first "
+                        f"(or pass --model with a merged model).")
     tok_dir = adapter or base_dir
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if not tokenizer.chat_template:
-        fail(f"{tok_dir} has no chat template: pass --adapter with the directory Supervised_Fine-Tuning.py wrote "
-             f"(or --base alone with its merged model).")
+        raise UserError(f"{tok_dir} has no chat template: pass --adapter with the directory "
+                        f"Supervised_Fine-Tuning.py wrote (or --model alone with its merged model).")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cls = model_class(args.reference)
+    cls = gpt2_model_class(args.model_impl)
     try:
         model = cls.from_pretrained(base_dir)
     except (OSError, ValueError) as e:
-        fail(f"could not load a GPT-2 from {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]}).")
+        raise UserError(f"could not load a GPT-2 from {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                        f"pass --model with a GPT-2 directory or hub id.") from None
     base = None
     if adapter:
         from peft import PeftModel
@@ -158,7 +145,7 @@ class SideBySide(Chat):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(build_parser(), argv)
     model, base, tokenizer, what = load_models(args)
     user, bot = speaker_names(tokenizer)
     common = dict(system=args.system or "", user_name=user, about=what)
@@ -187,8 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat quietly
-        print()
-        sys.exit(0)
+    run_main(main)

@@ -10,11 +10,12 @@ What happens, top to bottom:
      to the adapter), tokenize it turn by turn and build `labels` by position: only the assistant replies and
      their end-of-reply token `<|endoftext|>` are trained, everything else is -100;
   3. split conversations longer than --max-length at turn boundaries into windows;
-  4. load GPT-2 (this repository's gpt2/modeling_gpt2.py; --reference for transformers' own), 4-bit on a GPU,
-     add LoRA adapters, and train with transformers' Trainer (length-grouped batches, checkpoints, --resume,
-     eval loss / perplexity before and after, a loss-curve PNG). The loss is computed only where a label is
-     (the LM head on assistant tokens only), and without an attention mask (padding is only at the end);
-  5. write the adapter + tokenizer atomically to --output (and a merged model with --merge).
+  4. load GPT-2 (this repository's gpt2/modeling_gpt2.py; --model-impl transformers for transformers' own),
+     4-bit on a GPU, add LoRA adapters, and train with transformers' Trainer (length-grouped batches,
+     checkpoints, --resume, eval loss / perplexity before and after, a loss-curve PNG). The loss is computed
+     only where a label is (the LM head on assistant tokens only), and without an attention mask (padding is
+     only at the end);
+  5. write the adapter + tokenizer atomically to --out (and a merged model with --merge).
 
 Run:
   python Supervised_Fine-Tuning.py                               # defaults: model/gpt2-base, data/sharegpt_gpt4.json
@@ -32,24 +33,33 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
 
-# Make `import gpt2.modeling_gpt2` work whatever the current directory is (Colab cells, tests, torchrun).
-# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
-HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from hub_utils import hub_reachable, local_or_hub_model  # noqa: E402  (shared by every task script)
+from course_utils import (
+    DTYPE_CHOICES,
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    cpu_supports_bf16,
+    gpt2_model_class,
+    local_or_hub,
+    parse_args,
+    pick_device,
+    pick_dtype,
+    plot_losses,
+    run_main,
+    script_dir,
+)
 
+HERE = script_dir(globals())
 DEFAULT_MODEL = "model/gpt2-base"
 HUB_MODEL = "gpt2"
 DEFAULT_DATA = "data/sharegpt_gpt4.json"
 HUB_DATASET = "openchat/openchat_sharegpt4_dataset"
 HUB_DATA_FILE = "sharegpt_gpt4.json"
-DEFAULT_OUTPUT = "model/chatgpt2-base"
+DEFAULT_OUT = "model/chatgpt2-base"
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv + output projection, MLP in + out
 IGNORE = -100  # label value that CrossEntropyLoss (and every 🤗 model) ignores
 
@@ -69,17 +79,16 @@ def log(*args):
         print(*args, flush=True)
 
 
-def fail(message):
-    """End with one clear sentence instead of a stack trace (exit status 1)."""
-    raise SystemExit(f"Error: {message}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LoRA (+4-bit) supervised fine-tuning of GPT-2 on ShareGPT conversations.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model directory or hub id (default {DEFAULT_MODEL}, hub `{HUB_MODEL}`)")
+def build_parser():
+    p = ArgumentParser(description="LoRA (+4-bit) supervised fine-tuning of GPT-2 on ShareGPT conversations.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model directory or hub id (default {DEFAULT_MODEL}, hub `{HUB_MODEL}`)")
     p.add_argument("--data", default=DEFAULT_DATA, help="ShareGPT conversations: a JSON list or JSONL file")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the LoRA adapter + tokenizer (with chat template) go")
-    p.add_argument("--reference", action="store_true", help="use transformers' GPT2LMHeadModel instead of gpt2/modeling_gpt2.py")
+    p.add_argument("--out", default=DEFAULT_OUT, help="where the LoRA adapter + tokenizer (with chat template) go")
+    p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
+                   help="which GPT-2 code: repo = gpt2/modeling_gpt2.py (Task 4), transformers = GPT2LMHeadModel")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = a CUDA GPU when PyTorch sees one; cpu trains on the CPU even then")
     # length of training
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
@@ -87,7 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per training window (GPT-2's context is 1024)")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="tokens per training window (GPT-2's context is 1024)")
     p.add_argument("--seed", type=int, default=42)
     # chat format
     p.add_argument("--user-name", default="Human", help="speaker name of user turns in the chat format")
@@ -96,8 +106,8 @@ def parse_args(argv=None):
     # memory savers
     p.add_argument("--quant", choices=["auto", "4bit", "8bit", "none"], default="auto",
                    help="auto = 4bit (NF4) on a CUDA GPU, none on CPU")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="mixed precision; auto = bf16 where the GPU/CPU supports it, else fp16 on GPU / fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="training precision; auto = bf16 where the GPU/CPU supports it, else fp16 on GPU / fp32 on CPU")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward to save memory (default: on for GPU, off for CPU)")
     p.add_argument("--lora-r", type=int, default=16)
@@ -107,57 +117,66 @@ def parse_args(argv=None):
                    help="dropout on the frozen base's attention weights (GPT-2's own is 0.1). Default 0: on a CPU any "
                         "attention dropout forces PyTorch's slow unfused attention (about 8x slower at 1024 tokens)")
     # bookkeeping
-    p.add_argument("--eval-size", type=int, default=100, help="conversations held out for eval loss (at most 1/5 of the data; 0 = none)")
-    p.add_argument("--eval-steps", type=int, default=0, help="also evaluate every N steps (0 = only before and after training)")
+    p.add_argument("--eval-size", type=int, default=100,
+                   help="conversations held out for eval loss (at most 1/5 of the data; 0 = none)")
+    p.add_argument("--eval-steps", type=int, default=0,
+                   help="also evaluate every N steps (0 = only before and after training)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
     p.add_argument("--save-total-limit", type=int, default=3)
-    p.add_argument("--checkpoint-dir", default=None, help="default: <output>-checkpoints")
+    p.add_argument("--checkpoint-dir", default=None, help="default: <out>-checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     p.add_argument("--overwrite", action="store_true", help="delete checkpoints of an earlier run and start over")
     p.add_argument("--dump-dataset", metavar="OUT.jsonl", default=None,
                    help="write the tokenized training examples (input_ids, labels) to OUT.jsonl and exit")
-    p.add_argument("--merge", action="store_true", help="also export base+adapter merged into one model (<output>-merged)")
-    p.add_argument("--merge-only", action="store_true", help="only merge the adapter already in --output, no training")
-    p.add_argument("--merge-output", default=None, help="default: <output>-merged")
-    # parse_known_args: a Colab/Jupyter kernel passes its own arguments (-f kernel.json) to the script.
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        log(f"(ignoring unknown arguments: {' '.join(unknown)})")
-    return args
+    p.add_argument("--merge", action="store_true",
+                   help="also export base+adapter merged into one model (<out>-merged)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the adapter already in --out, no training")
+    p.add_argument("--merge-output", default=None, help="default: <out>-merged")
+    # The names of earlier versions still work (not shown in --help).
+    p.add_alias("--output", dest="out")
+    p.add_alias("--precision", dest="dtype")
+    p.add_alias("--reference", dest="model_impl", const="transformers")
+    return p
+
+
+def check_options(args):
+    """Fail fast on a bad combination, before anything is loaded; fill in the paths that default to --out's."""
+    if args.max_length < 32:
+        raise UserError(f"--max-length {args.max_length} is too short: use at least 32 tokens.")
+    args.device = pick_device(args.device)
+    args.dtype = training_dtype(args.dtype, args.device)
+    args.out = args.out.rstrip("/\\")
+    args.checkpoint_dir = args.checkpoint_dir or args.out + "-checkpoints"
+    args.merge_output = args.merge_output or args.out + "-merged"
+
+
+def training_dtype(name, device):
+    """--dtype as course_utils picks it, except that an explicit bf16 on a device without bf16 units falls back
+    (saying so): to fp16 on an older GPU, to fp32 on a CPU (emulated bf16 is slower than fp32 there)."""
+    import torch
+    dtype = pick_dtype(name, device)
+    cuda = device.startswith("cuda")
+    if dtype == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()):
+        log("this device has no bf16 support: training in " + ("fp16." if cuda else "fp32."))
+        return "fp16" if cuda else "fp32"
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Finding weights and data: local directory first, then the hub (and say so), fail fast when offline.
 # ---------------------------------------------------------------------------------------------------------
 
-def resolve_model(path, default=DEFAULT_MODEL, hub_id=HUB_MODEL):
+def resolve_model(path):
     """Return a local directory with the model, downloading from the hub only when it is not on disk."""
-    return local_or_hub_model(path, hub_id if path == default else path, HERE, announce=log)
+    return local_or_hub(path, HUB_MODEL if path == DEFAULT_MODEL else path, HERE, announce=log)
 
 
 def resolve_data(path):
-    if os.path.isfile(path):
-        return path
-    if not os.path.isabs(path) and os.path.isfile(os.path.join(HERE, path)):
-        return os.path.join(HERE, path)
-    if path != DEFAULT_DATA:
-        fail(f"data file {path} not found.")
-    from huggingface_hub import hf_hub_download
-    kwargs = dict(repo_id=HUB_DATASET, filename=HUB_DATA_FILE, repo_type="dataset")
-    try:
-        return hf_hub_download(**kwargs, local_files_only=True)
-    except Exception:
-        pass
-    if not hub_reachable():
-        fail(f"{path} not found and the hub cannot be reached: download `{HUB_DATA_FILE}` from the dataset "
-             f"`{HUB_DATASET}` and put it at {path}.")
-    log(f"{path} not found: downloading {HUB_DATA_FILE} from the dataset `{HUB_DATASET}` ...")
-    try:
-        return hf_hub_download(**kwargs)
-    except Exception as e:
-        fail(f"could not download {HUB_DATA_FILE} ({type(e).__name__}): put it at {path} "
-             f"(dataset `{HUB_DATASET}` on the Hugging Face hub).")
+    """The conversations file: only the default one is fetched from the hub (a missing file of your own is a typo)."""
+    if path != DEFAULT_DATA and not any(os.path.isfile(p) for p in (path, os.path.join(HERE, path))):
+        raise UserError(f"data file {path} not found: pass --data with ShareGPT conversations (a JSON list or JSONL).")
+    return local_or_hub(path, HUB_DATASET, HERE, filename=HUB_DATA_FILE, repo_type="dataset", announce=log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +189,7 @@ def read_records(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError:
-        fail(f"{path} is not UTF-8 text: save the conversations as UTF-8 JSON or JSONL.")
+        raise UserError(f"{path} is not UTF-8 text: save the conversations as UTF-8 JSON or JSONL.")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -178,7 +197,8 @@ def read_records(path):
     if isinstance(data, list):
         return data, Counter()
     if isinstance(data, dict) and not any(k in data for k in TURN_KEYS):
-        fail(f"{path} holds one JSON object, not a list of conversations.")
+        raise UserError(f"{path} holds one JSON object, not a list of conversations: save them as a JSON list "
+                        f"or JSONL.")
     if isinstance(data, dict):  # a JSONL file with a single line
         return [data], Counter()
     records, bad = [], Counter()
@@ -189,7 +209,7 @@ def read_records(path):
             except json.JSONDecodeError:
                 bad["not JSON"] += 1
     if not records and bad:
-        fail(f"{path} is neither a JSON list nor JSONL.")
+        raise UserError(f"{path} is neither a JSON list nor JSONL: save the conversations in one of these.")
     return records, bad
 
 
@@ -263,7 +283,8 @@ class ChatFormat:
         for name in (self.user_name, self.bot_name, self.system_name):
             # The names are pasted into the Jinja source and must not change where tokens split.
             if not name or name != name.strip() or re.search(r"[\"'\\{}%#\n]", name):
-                fail(f"speaker name {name!r} must be non-empty text without quotes, braces, %, # or outer spaces.")
+                raise UserError(f"speaker name {name!r} must be non-empty text without quotes, braces, %, # or "
+                                f"outer spaces.")
 
     def prefix(self, role):
         return {"system": self.system_name, "user": self.user_name, "assistant": self.bot_name}[role] + ":"
@@ -500,40 +521,6 @@ def assistant_loss(head_weight):
 # 4. Model: GPT-2 (ours or transformers'), quantized on a GPU, with LoRA adapters.
 # ---------------------------------------------------------------------------------------------------------
 
-def model_class(reference):
-    if reference:
-        from transformers import GPT2LMHeadModel
-        return GPT2LMHeadModel
-    try:
-        from gpt2.modeling_gpt2 import GPT2LMHeadModel
-    except Exception as e:  # missing file or an unfinished handout
-        fail(f"cannot import gpt2/modeling_gpt2.py ({type(e).__name__}: {e}); finish it, or pass --reference "
-             f"to use transformers' GPT-2.")
-    return GPT2LMHeadModel
-
-
-def cpu_supports_bf16():
-    import torch
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-def pick_precision(choice, cuda):
-    import torch
-    gpu_bf16 = cuda and torch.cuda.is_bf16_supported()
-    if choice == "auto":
-        return ("bf16" if gpu_bf16 else "fp16") if cuda else ("bf16" if cpu_supports_bf16() else "fp32")
-    if choice == "fp16" and not cuda:
-        log("fp16 mixed precision needs a GPU: training in fp32 on the CPU.")
-        return "fp32"
-    if choice == "bf16" and not (gpu_bf16 or (not cuda and cpu_supports_bf16())):
-        log("this device has no bf16 support: training in " + ("fp16." if cuda else "fp32."))
-        return "fp16" if cuda else "fp32"
-    return choice
-
-
 def pick_quant(choice, cuda):
     if choice == "none":
         return None
@@ -568,12 +555,12 @@ def check_memory(batch_size, max_length, bf16, checkpointing):
     free = psutil.virtual_memory().available / 2**30
     if need > free:
         hint = "" if checkpointing else " or pass --gradient-checkpointing"
-        fail(f"batch {batch_size} x {max_length} tokens needs about {need:.1f} GB of memory and {free:.1f} GB "
-             f"are free: use a smaller --batch-size (and a larger --grad-accum){hint}.")
+        raise UserError(f"batch {batch_size} x {max_length} tokens needs about {need:.1f} GB of memory and "
+                        f"{free:.1f} GB are free: use a smaller --batch-size (and a larger --grad-accum){hint}.")
     log(f"Memory: about {need:.1f} GB needed at batch {batch_size} x {max_length} tokens, {free:.1f} GB free.")
 
 
-def load_base_model(path, reference, quant, compute_dtype, base_dtype, attn_dropout):
+def load_base_model(path, model_impl, quant, compute_dtype, base_dtype, attn_dropout):
     """The frozen base: 4/8-bit on a GPU, else in `base_dtype` (bf16 when training in bf16: LoRA trains
     only its adapters, so the base needs no fp32 master copy that autocast would re-cast at every step)."""
     from transformers import BitsAndBytesConfig
@@ -587,11 +574,12 @@ def load_base_model(path, reference, quant, compute_dtype, base_dtype, attn_drop
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant:  # quantized weights live on one GPU per process (one process per GPU under torchrun)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    cls = model_class(reference)
+    cls = gpt2_model_class(model_impl)
     try:
         model = cls.from_pretrained(path, dtype=None if quant else base_dtype, **kwargs)
     except (OSError, ValueError) as e:
-        fail(f"could not load a GPT-2 from {path} ({type(e).__name__}: {str(e).splitlines()[0]}).")
+        raise UserError(f"could not load a GPT-2 from {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                        f"pass --model with a GPT-2 directory or hub id.") from None
     model.config.use_cache = False  # the KV cache is for generation; training does not need it
     use_fused_gelu(model)
     return model
@@ -675,6 +663,7 @@ def _dropout_functions():
 def use_lean_dropout(model):
     """GPT-2's own dropouts (embeddings, residuals) with the 1-byte masks above; the identity in eval mode."""
     import functools
+
     import torch
     Dropout, _ = _dropout_functions()
 
@@ -693,6 +682,7 @@ def use_lean_lora(model):
     and the saved adapter are PEFT's; in eval mode (or with merged / disabled / several adapters) PEFT's own
     forward runs."""
     import functools
+
     import torch
     from peft.tuners.lora import Linear as LoraLinear
     _, DropoutLinear = _dropout_functions()
@@ -746,179 +736,72 @@ def add_lora(model, args, quant, gradient_checkpointing):
     return model
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 5. Saving: atomically (a temporary directory renamed into place), a loss curve, a merged export.
-# ---------------------------------------------------------------------------------------------------------
-
-def atomic_save(out_dir, write):
-    """Call write(tmp_dir), then swap tmp_dir into out_dir: a reader never sees a half-written directory."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Same parent directory, so the renames below stay on one file system (a rename there is atomic).
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes a private (0700) directory; the output should be readable like any other
-    old = tmp + ".old"  # unique, because tmp is
-    try:
-        write(tmp)
-        if os.path.exists(out_dir):
-            os.replace(out_dir, old)  # a directory cannot be replaced in one step: move the old one aside first
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if os.path.isdir(old) and not os.path.exists(out_dir):
-            os.replace(old, out_dir)  # put the previous output back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_loss_curve(log_history, path, eval_before=None):
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed (Colab, servers)
-    import matplotlib.pyplot as plt
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    # Trainer.train() starts a fresh log, so the evaluation before training is added here, at step 0.
-    evals = [(0, eval_before)] if eval_before is not None else []
-    evals += [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on assistant tokens")
-    ax.set_title("Supervised fine-tuning of GPT-2")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def merge_and_export(base_path, adapter_dir, out_dir, reference):
-    """base + LoRA -> one ordinary GPT-2 checkpoint (full precision: merging into 4-bit weights loses accuracy)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-    base = model_class(reference).from_pretrained(base_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.config.use_cache = True
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-
-    def write(tmp):
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    atomic_save(out_dir, write)
-    log(f"Merged model written to {out_dir} (loads with transformers' GPT2LMHeadModel.from_pretrained).")
-
-
-def perplexity(loss):
-    return math.exp(min(loss, 50.0))
-
 
 # ---------------------------------------------------------------------------------------------------------
-# main
+# 5. Training: the recipe for this device, transformers' Trainer, Ctrl-C that still saves.
 # ---------------------------------------------------------------------------------------------------------
 
-def main(argv=None, extra_callbacks=()):
-    args = parse_args(argv)
-    fmt = ChatFormat(args.user_name, args.bot_name, args.system_name)
-    output = args.output.rstrip("/\\")
-    ckpt_dir = args.checkpoint_dir or output + "-checkpoints"
-    merge_dir = args.merge_output or output + "-merged"
-    if args.max_length < 32:
-        fail("--max-length must be at least 32 tokens.")
+@dataclass
+class Recipe:
+    """How this run trains: on a GPU or not, in which precision, quantized or not."""
+    cuda: bool
+    dtype: str  # "fp32", "bf16" or "fp16"
+    quant: str  # "4bit", "8bit" or None
+    checkpointing: bool
 
-    model_path = resolve_model(args.model)
-    if args.merge_only:
-        if not os.path.isfile(os.path.join(output, "adapter_config.json")):
-            fail(f"no adapter in {output}: train one first (without --merge-only).")
-        merge_and_export(model_path, output, merge_dir, args.reference)
-        return 0
+    @property
+    def pure_bf16(self):
+        # bf16 without quantization: the base itself is bf16 and no autocast runs (measured faster on a CPU than
+        # an fp32 base under autocast). fp16 keeps an fp32 base under autocast (fp16 layer norms would overflow).
+        return self.dtype == "bf16" and not self.quant
 
-    # Checkpoints of an earlier run: continue them only when asked, never overwrite them silently.
-    from transformers.trainer_utils import get_last_checkpoint
-    last = get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-    if not args.dump_dataset:
-        if args.resume and last is None:
-            log(f"--resume: no checkpoint in {ckpt_dir}, starting from the beginning.")
-        elif last and not args.resume:
-            if not args.overwrite:
-                fail(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
-                     f"or --overwrite to start over.")
-            if int(os.environ.get("RANK", "0")) == 0:
-                shutil.rmtree(ckpt_dir)
-            last = None
 
-    # --- data -------------------------------------------------------------------------------------------
-    from transformers import AutoConfig, AutoTokenizer
-    data_path = resolve_data(args.data)
-    conversations, skipped = load_conversations(data_path)
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) or "none"
-    log(f"Conversations in {data_path}: kept {len(conversations)}, skipped {sum(skipped.values())} ({reasons})")
-    if not conversations:
-        fail(f"no usable conversation in {data_path}.")
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.chat_template = fmt.jinja()  # saved with the tokenizer: the chat script uses the same format
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only fills the batch; labels are built by position
-    n_positions = getattr(AutoConfig.from_pretrained(model_path), "n_positions", args.max_length)
-    if args.max_length > n_positions:
-        log(f"--max-length {args.max_length} is longer than the model's context: using {n_positions}.")
-        args.max_length = n_positions
-
-    train_convs, eval_convs = split_conversations(conversations, args.eval_size, args.seed)
-    train_examples, stats = build_examples(train_convs, tokenizer, fmt, args.max_length)
-    eval_examples, _ = build_examples(eval_convs, tokenizer, fmt, args.max_length)
-    n_tokens = sum(e["length"] for e in train_examples)
-    n_learned = sum(sum(l != IGNORE for l in e["labels"]) for e in train_examples)
-    log(f"Training examples: {len(train_examples)} windows of at most {args.max_length} tokens from "
-        f"{stats['conversations']} conversations ({stats['split']} split, {stats['cut replies']} over-long "
-        f"replies cut); {n_tokens:,} tokens, {n_learned:,} of them learned. Held out: {len(eval_convs)} conversations.")
-
-    if args.dump_dataset:
-        os.makedirs(os.path.dirname(os.path.abspath(args.dump_dataset)), exist_ok=True)
-        with open(args.dump_dataset, "w", encoding="utf-8") as f:
-            for e in train_examples:
-                f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
-        log(f"Wrote {len(train_examples)} training examples to {args.dump_dataset}.")
-        return 0
-
-    # --- model --------------------------------------------------------------------------------------------
-    import torch
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-    cuda = torch.cuda.is_available()
-    precision = pick_precision(args.precision, cuda)
+def choose_recipe(args, model_path):
+    cuda = args.device.startswith("cuda")
     quant = pick_quant(args.quant, cuda)
     checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
-    log(f"Device: {'CUDA GPU' if cuda else 'CPU'}; quantization: {quant or 'none'}; precision: {precision}; "
+    log(f"Device: {'CUDA GPU' if cuda else 'CPU'}; quantization: {quant or 'none'}; precision: {args.dtype}; "
         f"gradient checkpointing: {'on' if checkpointing else 'off'}; model: "
-        f"{'transformers GPT2LMHeadModel' if args.reference else 'gpt2/modeling_gpt2.py'} from {model_path}")
-    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    # bf16 without quantization: the base itself is bf16 and no autocast runs (measured faster on a CPU than
-    # an fp32 base under autocast). fp16 keeps an fp32 base under autocast (fp16 layer norms would overflow).
-    pure_bf16 = precision == "bf16" and not quant
-    if not cuda:
-        check_memory(args.batch_size, args.max_length, pure_bf16, checkpointing)
-    model = load_base_model(model_path, args.reference, quant, compute_dtype,
-                            torch.bfloat16 if pure_bf16 else torch.float32, args.attn_dropout)
-    model = add_lora(model, args, quant, checkpointing)
-    if not cuda:
+        f"{'transformers GPT2LMHeadModel' if args.model_impl == 'transformers' else 'gpt2/modeling_gpt2.py'} "
+        f"from {model_path}")
+    return Recipe(cuda, args.dtype, quant, checkpointing)
+
+
+def load_model(args, model_path, recipe):
+    """The frozen GPT-2 with trainable LoRA adapters, made lean for a CPU run."""
+    import torch
+    if not recipe.cuda:
+        check_memory(args.batch_size, args.max_length, recipe.pure_bf16, recipe.checkpointing)
+    compute_dtype = torch.bfloat16 if recipe.dtype == "bf16" else torch.float16
+    base_dtype = torch.bfloat16 if recipe.pure_bf16 else torch.float32
+    model = load_base_model(model_path, args.model_impl, recipe.quant, compute_dtype, base_dtype, args.attn_dropout)
+    model = add_lora(model, args, recipe.quant, recipe.checkpointing)
+    if not recipe.cuda:
         use_lean_dropout(model)
         use_lean_lora(model)
-    # While training, the model returns hidden states and assistant_loss applies the head only where needed.
-    base = model.get_base_model()
-    lm_head, head_weight = base.lm_head, base.lm_head.weight
-    base.lm_head = torch.nn.Identity()
+    return model
 
-    train_ds = Dataset.from_list(train_examples)
-    eval_ds = Dataset.from_list(eval_examples) if eval_examples else None
-    n_train_examples = len(train_examples)
-    del train_examples, eval_examples  # the datasets hold a compact copy; Python lists of ints take ~5x more
+
+def detach_lm_head(model):
+    """While training, the model returns hidden states and assistant_loss applies the head only where needed.
+    Returns the head, to be put back after training."""
+    import torch
+    base = model.get_base_model()
+    lm_head = base.lm_head
+    base.lm_head = torch.nn.Identity()
+    return lm_head
+
+
+def to_datasets(train_examples, eval_examples):
+    from datasets import Dataset
+    return Dataset.from_list(train_examples), Dataset.from_list(eval_examples) if eval_examples else None
+
+
+def build_trainer(args, recipe, model, head_weight, tokenizer, train_ds, eval_ds):
+    """transformers' Trainer for this run (tests and the benchmark wrap this function to add callbacks)."""
+    from transformers import Trainer, TrainingArguments
     training_args = TrainingArguments(
-        output_dir=ckpt_dir,
+        output_dir=args.checkpoint_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps else -1,
         per_device_train_batch_size=args.batch_size,
@@ -933,9 +816,9 @@ def main(argv=None, extra_callbacks=()):
         length_column_name="length",
         remove_unused_columns=False,  # our collator reads input_ids/labels and ignores "length"
         label_names=["labels"],
-        bf16=precision == "bf16" and not pure_bf16,  # autocast (4-bit base with bf16 compute)
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
+        bf16=recipe.dtype == "bf16" and not recipe.pure_bf16,  # autocast (4-bit base with bf16 compute)
+        fp16=recipe.dtype == "fp16",
+        use_cpu=not recipe.cuda,  # also with --device cpu on a machine with a GPU
         logging_steps=args.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if (args.eval_steps and eval_ds is not None) else "no",
@@ -949,65 +832,192 @@ def main(argv=None, extra_callbacks=()):
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         # Progress bars in a terminal or a notebook; only the log lines when the output goes to a file.
-        disable_tqdm=not sys.stderr.isatty() and "COLAB_RELEASE_TAG" not in os.environ and "JPY_PARENT_PID" not in os.environ,
+        disable_tqdm=not sys.stderr.isatty() and "COLAB_RELEASE_TAG" not in os.environ
+        and "JPY_PARENT_PID" not in os.environ,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=PadToLongest(tokenizer.pad_token_id, 8 if cuda else None),
-                      compute_loss_func=assistant_loss(head_weight),
-                      callbacks=list(extra_callbacks))
+    return Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                   data_collator=PadToLongest(tokenizer.pad_token_id, 8 if recipe.cuda else None),
+                   compute_loss_func=assistant_loss(head_weight))
 
-    metrics = {"kept": len(conversations), "skipped": dict(skipped), "train_examples": n_train_examples,
-               "eval_conversations": len(eval_convs), "precision": precision, "quant": quant or "none"}
-    if eval_ds is not None:
+
+def train_and_evaluate(trainer, last, metrics, out):
+    """Eval loss before, training (from checkpoint `last` if any), eval loss after. Returns: interrupted?"""
+    if trainer.eval_dataset is not None:
         # Also when resuming: the checkpoint is loaded only inside train(), and a fresh LoRA adapter (lora_B = 0)
         # leaves the base model unchanged, so this is the base model's loss in every case.
         before = trainer.evaluate()["eval_loss"]
         metrics["eval_loss_before"] = before
         log(f"Before training: eval loss {before:.4f}, perplexity {perplexity(before):.2f}")
-
-    # Ctrl-C (and a polite kill, e.g. Colab's stop button) ends training but still saves the adapter.
-    def on_sigterm(*_):
-        raise KeyboardInterrupt
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
-    interrupted = False
-    try:
-        if last:
-            log(f"Resuming from {last}")
-        trainer.train(resume_from_checkpoint=last)
-    except KeyboardInterrupt:
-        interrupted = True
-        log(f"\nInterrupted at step {trainer.state.global_step}: saving the adapter trained so far to {output}.")
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-    if eval_ds is not None and not interrupted:
+    interrupted = train_until_interrupted(trainer, last, out)
+    if trainer.eval_dataset is not None and not interrupted:
         after = trainer.evaluate()["eval_loss"]
         metrics["eval_loss_after"] = after
         log(f"After training: eval loss {after:.4f}, perplexity {perplexity(after):.2f}")
     metrics["global_step"] = trainer.state.global_step
     metrics["interrupted"] = interrupted
-    base.lm_head = lm_head  # the whole model again (for anyone who uses it after training)
+    return interrupted
+
+
+def train_until_interrupted(trainer, last, out):
+    """Ctrl-C (and a polite kill, e.g. Colab's stop button) ends training but still saves the adapter."""
+    def on_sigterm(*_):
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        if last:
+            log(f"Resuming from {last}")
+        trainer.train(resume_from_checkpoint=last)
+        return False
+    except KeyboardInterrupt:
+        log(f"\nInterrupted at step {trainer.state.global_step}: saving the adapter trained so far to {out}.")
+        return True
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 50.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Saving: atomically (a temporary directory renamed into place), a loss curve, a merged export.
+# ---------------------------------------------------------------------------------------------------------
+
+def save_adapter(trainer, tokenizer, out, metrics):
+    history = trainer.state.log_history
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    # Trainer.train() starts a fresh log, so the evaluation before training is added here, at step 0.
+    evals = [(0, metrics["eval_loss_before"])] if "eval_loss_before" in metrics else []
+    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    with atomic_path(out) as tmp:
+        trainer.model.save_pretrained(tmp)  # the LoRA adapter only (a few MB) + adapter_config.json
+        tokenizer.save_pretrained(tmp)      # with the chat template
+        plot_losses(os.path.join(tmp, "loss.png"), train, evals, xlabel="optimizer step",
+                    ylabel="cross-entropy on assistant tokens", title="Supervised fine-tuning of GPT-2",
+                    eval_label="eval loss")
+        with open(os.path.join(tmp, "train_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({**metrics, "log_history": history}, f, indent=1)
+    log(f"Adapter, tokenizer (with chat template) and loss curve written to {out} "
+        f"(step {trainer.state.global_step}). Chat with: python ChatGPT2-base.py --adapter {out}")
+
+
+def merge_and_export(base_path, adapter_dir, out_dir, model_impl):
+    """base + LoRA -> one ordinary GPT-2 checkpoint (full precision: merging into 4-bit weights loses accuracy)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    base = gpt2_model_class(model_impl).from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    with atomic_path(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log(f"Merged model written to {out_dir} (loads with transformers' GPT2LMHeadModel.from_pretrained).")
+
+
+def merge_only(args, model_path):
+    if not os.path.isfile(os.path.join(args.out, "adapter_config.json")):
+        raise UserError(f"no adapter in {args.out}: train one first (without --merge-only).")
+    merge_and_export(model_path, args.out, args.merge_output, args.model_impl)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main: the steps above, in order
+# ---------------------------------------------------------------------------------------------------------
+
+def previous_checkpoint(args):
+    """The checkpoint to resume from: continue an earlier run only when asked, never overwrite it silently."""
+    from transformers.trainer_utils import get_last_checkpoint
+    ckpt_dir = args.checkpoint_dir
+    last = get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if args.resume and last is None:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting from the beginning.")
+    elif last and not args.resume:
+        if not args.overwrite:
+            raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                            f"or --overwrite to start over.")
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(ckpt_dir)
+        last = None
+    return last
+
+
+def load_examples(args, model_path, fmt):
+    """Read, tokenize and window the conversations: (tokenizer with the chat template, training examples,
+    held-out examples, the counts for train_metrics.json)."""
+    from transformers import AutoConfig, AutoTokenizer
+    data_path = resolve_data(args.data)
+    conversations, skipped = load_conversations(data_path)
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) or "none"
+    log(f"Conversations in {data_path}: kept {len(conversations)}, skipped {sum(skipped.values())} ({reasons})")
+    if not conversations:
+        raise UserError(f"no usable conversation in {data_path}: each needs a user turn answered by an assistant turn.")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.chat_template = fmt.jinja()  # saved with the tokenizer: the chat script uses the same format
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only fills the batch; labels are built by position
+    n_positions = getattr(AutoConfig.from_pretrained(model_path), "n_positions", args.max_length)
+    if args.max_length > n_positions:
+        log(f"--max-length {args.max_length} is longer than the model's context: using {n_positions}.")
+        args.max_length = n_positions
+
+    train_convs, eval_convs = split_conversations(conversations, args.eval_size, args.seed)
+    train_examples, stats = build_examples(train_convs, tokenizer, fmt, args.max_length)
+    eval_examples, _ = build_examples(eval_convs, tokenizer, fmt, args.max_length)
+    n_tokens = sum(e["length"] for e in train_examples)
+    n_learned = sum(sum(label != IGNORE for label in e["labels"]) for e in train_examples)
+    log(f"Training examples: {len(train_examples)} windows of at most {args.max_length} tokens from "
+        f"{stats['conversations']} conversations ({stats['split']} split, {stats['cut replies']} over-long "
+        f"replies cut); {n_tokens:,} tokens, {n_learned:,} of them learned. Held out: {len(eval_convs)} conversations.")
+    counts = {"kept": len(conversations), "skipped": dict(skipped), "train_examples": len(train_examples),
+              "eval_conversations": len(eval_convs)}
+    return tokenizer, train_examples, eval_examples, counts
+
+
+def dump_examples(examples, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n")
+    log(f"Wrote {len(examples)} training examples to {path}.")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    fmt = ChatFormat(args.user_name, args.bot_name, args.system_name)
+    check_options(args)
+    model_path = resolve_model(args.model)
+    if args.merge_only:
+        return merge_only(args, model_path)
+    last = None if args.dump_dataset else previous_checkpoint(args)
+
+    tokenizer, train_examples, eval_examples, metrics = load_examples(args, model_path, fmt)
+    if args.dump_dataset:
+        return dump_examples(train_examples, args.dump_dataset)
+    train_ds, eval_ds = to_datasets(train_examples, eval_examples)
+    del train_examples, eval_examples  # the datasets hold a compact copy; Python lists of ints take ~5x more
+
+    recipe = choose_recipe(args, model_path)
+    model = load_model(args, model_path, recipe)
+    lm_head = detach_lm_head(model)
+    trainer = build_trainer(args, recipe, model, lm_head.weight, tokenizer, train_ds, eval_ds)
+    metrics.update(precision=recipe.dtype, quant=recipe.quant or "none")
+    interrupted = train_and_evaluate(trainer, last, metrics, args.out)
+    model.get_base_model().lm_head = lm_head  # the whole model again (for anyone who uses it after training)
 
     if trainer.is_world_process_zero():
-        def write(tmp):
-            trainer.model.save_pretrained(tmp)  # the LoRA adapter only (a few MB) + adapter_config.json
-            tokenizer.save_pretrained(tmp)      # with the chat template
-            save_loss_curve(trainer.state.log_history, os.path.join(tmp, "loss.png"), metrics.get("eval_loss_before"))
-            with open(os.path.join(tmp, "train_metrics.json"), "w", encoding="utf-8") as f:
-                json.dump({**metrics, "log_history": trainer.state.log_history}, f, indent=1)
-        atomic_save(output, write)
-        log(f"Adapter, tokenizer (with chat template) and loss curve written to {output} "
-            f"(step {trainer.state.global_step}). Chat with: python ChatGPT2-base.py --adapter {output}")
+        save_adapter(trainer, tokenizer, args.out, metrics)
         if args.merge and not interrupted:
-            del trainer, model
-            merge_and_export(model_path, output, merge_dir, args.reference)
+            del trainer, model  # free the training copy before loading a full-precision one
+            merge_and_export(model_path, args.out, args.merge_output, args.model_impl)
     return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # outside training (loading, evaluating, merging): nothing to save
-        sys.exit("\nInterrupted.")
+    run_main(main)  # Ctrl-C outside training (loading, evaluating, merging): nothing to save, exit 130

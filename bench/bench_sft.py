@@ -13,7 +13,7 @@ Trainer, one batch per optimizer step:
 
 Each run is a subprocess of its own (so its peak resident memory, VmHWM, is its own), run one after the
 other, alternating recipes. Throughput = real (non-pad) tokens per second of training steps, after one
-warm-up step. "CPU default" is the script with no precision option (bf16 where the CPU has it).
+warm-up step. "CPU default" is the script with no --dtype (bf16 where the CPU has it).
 
 Data: ../shared/data/sharegpt_dev_2000.json (real ShareGPT, OpenChat layout) or --data. Tokenizer:
 model/gpt2-base's when present, else GPT-2's real BPE in ../shared/gpt2-tokenizer.
@@ -29,8 +29,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, gpt2_model_class, load_script, parse_args, run_main  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -38,11 +40,7 @@ DEFAULT_DATA = os.path.join(SHARED, "data", "sharegpt_dev_2000.json")
 
 
 def load_sft():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "Supervised_Fine-Tuning.py"))
-    sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sft)
-    return sft
+    return load_script(os.path.join(ROOT, "Supervised_Fine-Tuning.py"))
 
 
 def tokenizer_dir():
@@ -52,7 +50,7 @@ def tokenizer_dir():
     shared = os.path.join(SHARED, "gpt2-tokenizer")
     if os.path.isfile(os.path.join(shared, "vocab.json")):
         return shared, "GPT-2's real BPE (../shared/gpt2-tokenizer)"
-    sys.exit("Error: no GPT-2 tokenizer: put GPT-2's files in model/gpt2-base (or ../shared/gpt2-tokenizer).")
+    raise UserError("no GPT-2 tokenizer: put GPT-2's files in model/gpt2-base (or ../shared/gpt2-tokenizer).")
 
 
 def peak_rss_gb():
@@ -94,7 +92,7 @@ def worker_original(opts):
     texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
     enc = tok(texts, truncation=True, max_length=512, padding="max_length")
     dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    model = sft.model_class(opts.reference).from_pretrained(opts.work, dtype=torch.float32)
+    model = gpt2_model_class(opts.model_impl).from_pretrained(opts.work, dtype=torch.float32)
     model.config.use_cache = False
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
@@ -104,7 +102,7 @@ def worker_original(opts):
                                                    "on_step_end": lambda s, *a, **k: timer.on_step_end()})()
     args = TrainingArguments(output_dir=os.path.join(opts.work, "original-out"), max_steps=opts.steps + 1,
                              per_device_train_batch_size=opts.batch_size, learning_rate=2e-4,
-                             bf16=opts.precision == "bf16", use_cpu=True, report_to="none", save_strategy="no",
+                             bf16=opts.dtype == "bf16", use_cpu=True, report_to="none", save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback],
             data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
@@ -132,15 +130,22 @@ def worker_this(opts):
         def on_step_end(self, *a, **k):
             holder["timer"].on_step_end()
 
-    out = os.path.join(opts.work, f"this-{opts.precision}")
-    argv = ["--model", opts.work, "--data", os.path.join(opts.work, "conversations.json"), "--output", out,
+    build_trainer = sft.build_trainer
+
+    def build_timed_trainer(*args, **kwargs):  # the script's own Trainer, with the timer added from outside
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(Timer())
+        return trainer
+    sft.build_trainer = build_timed_trainer
+
+    out = os.path.join(opts.work, f"this-{opts.dtype}")
+    argv = ["--model", opts.work, "--data", os.path.join(opts.work, "conversations.json"), "--out", out,
             "--max-steps", str(opts.steps + 1), "--batch-size", str(opts.batch_size), "--grad-accum", "1",
-            "--eval-size", "0", "--save-steps", "100000", "--logging-steps", "100000", "--overwrite"]
-    if opts.precision != "default":
-        argv += ["--precision", opts.precision]
-    if opts.reference:
-        argv.append("--reference")
-    sft.main(argv, extra_callbacks=[Timer()])
+            "--eval-size", "0", "--save-steps", "100000", "--logging-steps", "100000", "--overwrite",
+            "--model-impl", opts.model_impl]
+    if opts.dtype != "default":
+        argv += ["--dtype", opts.dtype]
+    sft.main(argv)
     return holder["timer"].result()
 
 
@@ -154,7 +159,7 @@ def prepare(args):
     tok.pad_token = tok.eos_token
     tok.chat_template = sft.ChatFormat().jinja()
     if not os.path.isfile(args.data):
-        sys.exit(f"Error: {args.data} not found: pass --data with ShareGPT conversations (JSON list or JSONL).")
+        raise UserError(f"{args.data} not found: pass --data with ShareGPT conversations (JSON list or JSONL).")
     records, _ = sft.read_records(args.data)
     usable = [r for r in records if sft.normalize_record(r)[1] is None]
     random.Random(args.seed).shuffle(usable)
@@ -166,7 +171,7 @@ def prepare(args):
     tok.save_pretrained(args.work)
     torch.manual_seed(0)
     config = GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)  # 124M shape, 50257 vocab
-    sft.model_class(args.reference)(config).save_pretrained(args.work)
+    gpt2_model_class(args.model_impl)(config).save_pretrained(args.work)
 
     lengths = [len(ids) for ids in tok([tok.apply_chat_template(c, tokenize=False) for c in convs])["input_ids"]]
     examples, _ = sft.build_examples(convs, tok, sft.ChatFormat(), 1024)
@@ -174,32 +179,35 @@ def prepare(args):
     learned = sum(sum(l != -100 for l in e["labels"]) for e in examples)
     print(f"Data: {len(convs)} conversations drawn from {os.path.relpath(args.data, ROOT)} (its {skipped} unusable "
           f"records left out); tokenizer: {tok_note}.")
-    print(f"  conversations: mean {sum(lengths) / len(lengths):.0f} tokens, median {sorted(lengths)[len(lengths) // 2]}, "
+    print(f"  conversations: mean {sum(lengths) / len(lengths):.0f} tokens, "
+          f"median {sorted(lengths)[len(lengths) // 2]}, "
           f"{100 * sum(n > 512 for n in lengths) / len(lengths):.0f}% over 512, "
           f"{100 * sum(n > 1024 for n in lengths) / len(lengths):.0f}% over 1024")
     print(f"  original: {len(convs)} examples of 512 tokens, "
           f"{100 * sum(min(n, 512) for n in lengths) / (512 * len(lengths)):.0f}% of them real (the rest padding)")
     print(f"  this script: {len(examples)} windows, mean {sum(windows) / len(windows):.0f} tokens, "
           f"{100 * learned / sum(windows):.0f}% of tokens learned (assistant replies + EOS)")
-    print(f"Model: {'transformers' if args.reference else 'gpt2/modeling_gpt2.py'} GPT-2, 124M shape, random weights; "
+    impl = "transformers" if args.model_impl == "transformers" else "gpt2/modeling_gpt2.py"
+    print(f"Model: {impl} GPT-2, 124M shape, random weights; "
           f"LoRA r=16; batch {args.batch_size}; {args.steps} measured steps after 1 warm-up; "
           f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def run_worker(args, recipe, precision):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", recipe, "--precision", precision,
-           "--work", args.work, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    if args.reference:
-        cmd.append("--reference")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", recipe, "--dtype", precision,
+           "--work", args.work, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--model-impl", args.model_impl]
     run = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
-        sys.exit(f"Error: the {recipe} {precision} run failed:\n{run.stderr[-3000:]}")
+        print(run.stderr[-3000:], file=sys.stderr)
+        raise UserError(f"the {recipe} {precision} run failed (exit status {run.returncode}; its last output is "
+                        f"above): fix what it says and run the benchmark again.")
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--conversations", type=int, default=200, help="conversations drawn from --data")
     p.add_argument("--batch-size", type=int, default=4)
@@ -207,12 +215,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole alternation (results are averaged)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--no-default", action="store_true", help="skip the run of the script at its CPU default")
-    p.add_argument("--reference", action="store_true", help="transformers' GPT-2 instead of gpt2/modeling_gpt2.py")
+    p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
+                   help="which GPT-2 code: repo = gpt2/modeling_gpt2.py (Task 4), transformers = GPT2LMHeadModel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["original", "this"], help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)  # one worker's: fp32, bf16 or default
     p.add_argument("--work", help=argparse.SUPPRESS)
-    args, _ = p.parse_known_args(argv)
+    p.add_alias("--reference", dest="model_impl", const="transformers")
+    args = parse_args(p, argv)
 
     if args.worker:  # one measured run, in a process of its own
         import torch
@@ -220,7 +230,7 @@ def main(argv=None):
         result = (worker_original if args.worker == "original" else worker_this)(args)
         result["peak_gb"] = peak_rss_gb()
         print("RESULT " + json.dumps(result), flush=True)
-        return result
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="bench_sft.") as work:
         args.work = work
@@ -243,9 +253,10 @@ def main(argv=None):
               f"{peak[('this', precision)]:.2f} GB vs {peak[('original', precision)]:.2f} GB")
     if ("this", "default") in tps and ("original", "fp32") in tps:
         print(f"  this script at its CPU default / original fp32: "
-              f"{tps[('this', 'default')] / tps[('original', 'fp32')]:.2f}x; peak memory {peak[('this', 'default')]:.2f} GB")
-    return tps, peak
+              f"{tps[('this', 'default')] / tps[('original', 'fp32')]:.2f}x; "
+              f"peak memory {peak[('this', 'default')]:.2f} GB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,7 +3,6 @@
 The tokenizer is a byte-level BPE trained here on the team's ShareGPT sample (data/samples/sharegpt_sample.json);
 the model is a random 2-layer GPT-2. Both are saved with save_pretrained so the scripts' real loading code runs.
 """
-import importlib.util
 import json
 import re
 import signal
@@ -15,19 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from course_utils import UserError, load_script, parse_args
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "samples" / "sharegpt_sample.json"
 EOS = "<|endoftext|>"
 
-
-def load_script(filename):
-    spec = importlib.util.spec_from_file_location(filename[:-3].replace("-", "_"), ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sft = load_script("Supervised_Fine-Tuning.py")
+sft = load_script(ROOT / "Supervised_Fine-Tuning.py")
 
 
 def have_ours():
@@ -38,7 +31,8 @@ def have_ours():
         return False
 
 
-IMPLS = ["transformers", pytest.param("ours", marks=pytest.mark.skipif(not have_ours(), reason="gpt2/modeling_gpt2.py missing"))]
+IMPLS = ["transformers",
+         pytest.param("ours", marks=pytest.mark.skipif(not have_ours(), reason="gpt2/modeling_gpt2.py missing"))]
 
 
 def gpt2_class(impl):
@@ -82,17 +76,32 @@ def tok(tiny_dir):
 
 
 def train_argv(tiny_dir, tmp, *extra):
-    return ["--model", str(tiny_dir), "--data", str(SAMPLE), "--output", str(tmp / "adapter"),
+    return ["--model", str(tiny_dir), "--data", str(SAMPLE), "--out", str(tmp / "adapter"),
             "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1", "--eval-size", "4",
-            "--lr", "1e-2", "--max-length", "64", "--precision", "fp32", *extra]
+            "--lr", "1e-2", "--max-length", "64", "--dtype", "fp32", *extra]
+
+
+def impl_argv():
+    """Our GPT-2 (the default, --model-impl repo) when gpt2/modeling_gpt2.py is there, else transformers'."""
+    return [] if have_ours() else ["--model-impl", "transformers"]
+
+
+def add_callback_to_trainer(monkeypatch, callback):
+    """Wrap the script's Trainer builder from outside: the Trainer it builds gets one more callback."""
+    build_trainer = sft.build_trainer
+
+    def build_with_callback(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer
+    monkeypatch.setattr(sft, "build_trainer", build_with_callback)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tmp_path_factory):
     """One real training run (our GPT-2 when present), with --merge."""
     tmp = tmp_path_factory.mktemp("sft-run")
-    extra = [] if have_ours() else ["--reference"]
-    rc = sft.main(train_argv(tiny_dir, tmp, "--max-steps", "12", "--save-steps", "6", "--merge", *extra))
+    rc = sft.main(train_argv(tiny_dir, tmp, "--max-steps", "12", "--save-steps", "6", "--merge", *impl_argv()))
     assert rc == 0
     return tmp / "adapter"
 
@@ -130,7 +139,8 @@ def test_roles_layouts_and_dropped_turns():
 
 def test_exact_label_mask_hand_checked(tok):
     conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Say <|endoftext|> please"}, {"role": "assistant", "content": "<|endoftext|> ok"}]
+            {"role": "user", "content": "Say <|endoftext|> please"},
+            {"role": "assistant", "content": "<|endoftext|> ok"}]
     (blocks,) = sft.encode_conversations([conv], tok, sft.ChatFormat())
     (ids, labels), = sft.window_conversation(blocks, 1024)[0]
     eos = tok.eos_token_id
@@ -207,13 +217,43 @@ def test_windowing_keeps_context_and_learns_each_reply_once(tok):
     assert tok.decode(ids).startswith("Human: Talk.\nchatgpt2-base: word word")
 
 
-def test_no_gpu_falls_back_and_says_so(capsys):
+def test_no_gpu_falls_back_and_says_so(capsys, monkeypatch):
     assert sft.pick_quant("4bit", cuda=False) is None
     assert sft.pick_quant("auto", cuda=False) is None
-    assert sft.pick_precision("fp16", cuda=False) == "fp32"
+    with pytest.raises(UserError, match=r"--dtype fp16 needs a GPU; on a CPU use --dtype bf16 or fp32\."):
+        sft.training_dtype("fp16", "cpu")
+    monkeypatch.setattr(sft, "cpu_supports_bf16", lambda: False)  # bf16 would be emulated, slower than fp32
+    assert sft.training_dtype("bf16", "cpu") == "fp32"
+    assert sft.training_dtype("auto", "cpu") == "fp32"
     out = capsys.readouterr().out
     assert "no CUDA GPU: 4bit quantization is for GPUs here, training without quantization." in out
-    assert "fp16 mixed precision needs a GPU" in out
+    assert "this device has no bf16 support: training in fp32." in out
+
+
+def test_old_option_names_are_hidden_aliases(capsys):
+    new = parse_args(sft.build_parser(), ["--out", "x", "--dtype", "bf16", "--model-impl", "transformers"])
+    old = parse_args(sft.build_parser(), ["--output", "x", "--precision", "bf16", "--reference"])
+    assert vars(new) == vars(old)
+    assert parse_args(sft.build_parser(), []).model_impl == "repo"
+    chat_new = parse_args(chat.build_parser(), ["--model", "m", "--model-impl", "transformers"])
+    assert vars(chat_new) == vars(parse_args(chat.build_parser(), ["--base", "m", "--reference"]))
+    for module in (sft, chat):
+        with pytest.raises(SystemExit):
+            module.build_parser().parse_args(["--help"])
+        help_text = capsys.readouterr().out
+        assert "--model-impl" in help_text
+        assert not re.search(r"--(output|precision|reference|base)\b", help_text)
+    with pytest.raises(UserError, match=r"unrecognized arguments: --outptu"):
+        parse_args(sft.build_parser(), ["--outptu", "x"])
+    # A notebook kernel's own arguments are dropped.
+    assert parse_args(sft.build_parser(), ["-f", "/root/kernel-1.json"]).out == sft.DEFAULT_OUT
+
+
+def test_a_user_error_is_one_line_and_exit_status_2():
+    run = subprocess.run([sys.executable, str(ROOT / "Supervised_Fine-Tuning.py"), "--max-length", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == "Error: --max-length 8 is too short: use at least 32 tokens.\n"
 
 
 def test_collator_pads_to_longest_without_masking_eos():
@@ -397,8 +437,8 @@ def test_memory_check_says_in_one_sentence_when_a_batch_cannot_fit(monkeypatch, 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     sft.check_memory(4, 1024, bf16=True, checkpointing=False)  # the CPU default fits in 6 GB free, bf16 or fp32...
     sft.check_memory(4, 1024, bf16=False, checkpointing=False)
-    with pytest.raises(SystemExit, match=r"^Error: batch 8 x 1024 tokens needs about [0-9.]+ GB of memory and 6.0 GB "
-                                         r"are free: use a smaller --batch-size .* or pass --gradient-checkpointing\.$"):
+    with pytest.raises(UserError, match=r"^batch 8 x 1024 tokens needs about [0-9.]+ GB of memory and 6.0 GB "
+                                        r"are free: use a smaller --batch-size .* or pass --gradient-checkpointing\.$"):
         sft.check_memory(8, 1024, bf16=False, checkpointing=False)  # ...batch 8 does not
     sft.check_memory(8, 1024, bf16=False, checkpointing=True)
     assert "GB free" in capsys.readouterr().out
@@ -425,16 +465,20 @@ def test_dump_dataset(tiny_dir, tok, tmp_path, capsys):
 
 
 def test_clear_errors(tiny_dir, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match=r"data file .*missing\.json not found"):
+    with pytest.raises(UserError, match=r"data file .*missing\.json not found: pass --data"):
         sft.main(train_argv(tiny_dir, tmp_path, "--data", str(tmp_path / "missing.json")))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"--device cuda was asked for, but PyTorch sees no GPU: use --device cpu"):
+            sft.main(train_argv(tiny_dir, tmp_path, "--device", "cuda"))
     monkeypatch.chdir(tmp_path)  # no model/gpt2-base here (nor next to the script), and the hub is off
     monkeypatch.setattr(sft, "HERE", str(tmp_path))
-    with pytest.raises(SystemExit, match=r"create model/gpt2-base with the files of hub id `gpt2`"):
+    with pytest.raises(UserError, match=r"put the files of hub id `gpt2` at model/gpt2-base"):
         sft.resolve_model(sft.DEFAULT_MODEL)
-    with pytest.raises(SystemExit, match=r"openchat/openchat_sharegpt4_dataset"):
+    with pytest.raises(UserError, match=r"put `sharegpt_gpt4.json` of the dataset "
+                                        r"`openchat/openchat_sharegpt4_dataset` at data/sharegpt_gpt4.json"):
         sft.resolve_data(sft.DEFAULT_DATA)
     (tmp_path / "adapter-checkpoints" / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="pass --resume to continue it, or --overwrite"):
+    with pytest.raises(UserError, match="pass --resume to continue it, or --overwrite"):
         sft.main(train_argv(tiny_dir, tmp_path))
 
 
@@ -474,7 +518,7 @@ def test_adapter_loads_with_stock_peft_and_merges(trained, tiny_dir, impl):
     torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_ctrl_c_saves_the_adapter(tiny_dir, tmp_path):
+def test_ctrl_c_saves_the_adapter(tiny_dir, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
     class CtrlC(TrainerCallback):
@@ -489,11 +533,11 @@ def test_ctrl_c_saves_the_adapter(tiny_dir, tmp_path):
             if state.global_step == 3:
                 raise KeyboardInterrupt
 
-    # Also LoRA with gradient checkpointing (see PITFALLS), on our GPT-2 when present.
+    # Also LoRA with gradient checkpointing (see PITFALLS), on our GPT-2 when present, and --device cpu.
     ctrl_c = CtrlC()
+    add_callback_to_trainer(monkeypatch, ctrl_c)
     rc = sft.main(train_argv(tiny_dir, tmp_path, "--max-steps", "10", "--save-steps", "100", "--eval-size", "0",
-                             "--gradient-checkpointing", *([] if have_ours() else ["--reference"])),
-                  extra_callbacks=[ctrl_c])
+                             "--gradient-checkpointing", "--device", "cpu", *impl_argv()))
     assert rc == 130
     assert ctrl_c.mlp_calls == 2 * 3  # checkpointing is on: each block runs again in the backward pass
     metrics = json.loads((tmp_path / "adapter" / "train_metrics.json").read_text())
@@ -502,24 +546,32 @@ def test_ctrl_c_saves_the_adapter(tiny_dir, tmp_path):
 
 
 KILLER = """
-import importlib.util, os, signal, sys
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])  # the repository root
+from course_utils import load_script, run_main
 from transformers import TrainerCallback
-spec = importlib.util.spec_from_file_location("sft", sys.argv[1])
-sft = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sft)
+sft = load_script(os.path.join(sys.argv[1], "Supervised_Fine-Tuning.py"))
 
 class Kill(TrainerCallback):  # a hard kill right after checkpoint 4 was written (like Colab dying)
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 4:
             os.kill(os.getpid(), signal.SIGKILL)
 
-sys.exit(sft.main(sys.argv[2:], extra_callbacks=[Kill()]))
+build_trainer = sft.build_trainer
+
+def build_trainer_that_dies(*args, **kwargs):
+    trainer = build_trainer(*args, **kwargs)
+    trainer.add_callback(Kill())
+    return trainer
+
+sft.build_trainer = build_trainer_that_dies
+run_main(lambda: sft.main(sys.argv[2:]))
 """
 
 
 def test_resume_after_kill(tiny_dir, tmp_path, capsys):
-    argv = train_argv(tiny_dir, tmp_path, "--max-steps", "8", "--save-steps", "2", "--reference")
-    run = subprocess.run([sys.executable, "-c", KILLER, str(ROOT / "Supervised_Fine-Tuning.py"), *argv],
+    argv = train_argv(tiny_dir, tmp_path, "--max-steps", "8", "--save-steps", "2", "--model-impl", "transformers")
+    run = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), *argv],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     before = float(re.search(r"Before training: eval loss ([0-9.]+)", run.stdout).group(1))
@@ -537,7 +589,7 @@ def test_resume_after_kill(tiny_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- chat
 
-chat = load_script("ChatGPT2-base.py")
+chat = load_script(ROOT / "ChatGPT2-base.py")
 
 
 @pytest.fixture(scope="session")
@@ -570,14 +622,14 @@ def parrot_dir(tiny_dir, tok, tmp_path_factory):
 
 
 def chat_argv(model_dir, *extra):
-    return ["--base", str(model_dir), "--temperature", "0", "--repetition-penalty", "1.0",
+    return ["--model", str(model_dir), "--temperature", "0", "--repetition-penalty", "1.0",
             "--max-new-tokens", "40", *extra]
 
 
 def test_ask_streams_and_stops_at_end_of_reply_and_new_user_turn(parrot_dir, tmp_path, capsys):
     transcript = tmp_path / "chat.md"
-    extra = [] if have_ours() else ["--reference"]
-    assert chat.main(chat_argv(parrot_dir, "--ask", "hi", "--ask", "ping", "--save", str(transcript), *extra)) == 0
+    argv = chat_argv(parrot_dir, "--ask", "hi", "--ask", "ping", "--save", str(transcript), *impl_argv())
+    assert chat.main(argv) == 0
     out = capsys.readouterr().out
     assert "Human: hi\nchatgpt2-base: hello there\n" in out
     assert "Human: ping\nchatgpt2-base: pong\n" in out
@@ -589,8 +641,9 @@ def test_ask_streams_and_stops_at_end_of_reply_and_new_user_turn(parrot_dir, tmp
 def test_stdin_turns_and_commands(parrot_dir, tmp_path):
     saved = tmp_path / "saved.md"
     stdin = f"hi\nping\n/save {saved}\n/clear\nhi\n/help\n/exit\nping\n"
-    run = subprocess.run([sys.executable, str(ROOT / "ChatGPT2-base.py"), *chat_argv(parrot_dir, "--reference")],
-                         input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    argv = chat_argv(parrot_dir, "--model-impl", "transformers")
+    run = subprocess.run([sys.executable, str(ROOT / "ChatGPT2-base.py"), *argv], input=stdin,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("chatgpt2-base: hello there\n") == 2  # after /clear "hi" starts over
     assert run.stdout.count("chatgpt2-base: pong\n") == 1  # nothing is answered after /exit
@@ -603,13 +656,13 @@ def test_chat_with_adapter_and_compare(trained, tiny_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
     impl = "ours" if have_ours() else "transformers"
     md = tmp_path / "compare.md"
-    argv = ["--base", str(tiny_dir), "--adapter", str(trained), "--ask", "hi", "--compare", "--temperature", "0",
-            "--max-new-tokens", "8", "--save", str(md), *([] if have_ours() else ["--reference"])]
+    argv = ["--model", str(tiny_dir), "--adapter", str(trained), "--ask", "hi", "--compare", "--temperature", "0",
+            "--max-new-tokens", "8", "--save", str(md), *impl_argv()]
     assert chat.main(argv) == 0
     out = capsys.readouterr().out
     assert "[base GPT-2] chatgpt2-base:" in out and "[fine-tuned] chatgpt2-base:" in out
     # The same greedy replies computed here: the base model alone, and base + adapter through stock PEFT.
-    args, tokenizer = chat.parse_args(argv), AutoTokenizer.from_pretrained(trained)
+    args, tokenizer = parse_args(chat.build_parser(), argv), AutoTokenizer.from_pretrained(trained)
     question = [{"role": "user", "content": "hi"}]
     base = gpt2_class(impl).from_pretrained(tiny_dir).eval()
     tuned = PeftModel.from_pretrained(gpt2_class(impl).from_pretrained(tiny_dir), str(trained)).eval()
@@ -622,8 +675,8 @@ def test_chat_with_adapter_and_compare(trained, tiny_dir, tmp_path, capsys):
 
 
 def test_chat_missing_adapter_is_one_sentence(tiny_dir, tmp_path):
-    with pytest.raises(SystemExit, match="run Supervised_Fine-Tuning.py first"):
-        chat.main(["--base", str(tiny_dir), "--adapter", str(tmp_path / "nothing"), "--ask", "hi"])
+    with pytest.raises(UserError, match="run Supervised_Fine-Tuning.py first"):
+        chat.main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "nothing"), "--ask", "hi"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -633,6 +686,7 @@ def test_4bit_lora_code_path(tiny_dir, tmp_path, impl):
     stock PEFT on the unquantized transformers GPT-2."""
     pytest.importorskip("bitsandbytes")
     import types
+
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, GPT2LMHeadModel
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

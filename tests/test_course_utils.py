@@ -1,0 +1,147 @@
+"""course_utils.py: the one error, the one unknown-argument rule, hidden aliases, weights lookup, device and dtype,
+atomic writes, the loss plot and loading a script by path."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import course_utils as cu
+from gpt2_helpers import ROOT
+
+
+# ------------------------------------------------------------------------------------------------ errors, arguments
+def test_run_main_prints_one_line_and_exits_2(capsys):
+    def main():
+        raise cu.UserError("data file x.json not found: pass --data.")
+    with pytest.raises(SystemExit) as exit_:
+        cu.run_main(main)
+    assert exit_.value.code == cu.USER_ERROR_EXIT == 2
+    assert capsys.readouterr().err == "Error: data file x.json not found: pass --data.\n"
+
+
+def test_run_main_exit_status_0_raises_nothing():
+    cu.run_main(lambda: None)  # a notebook cell must not see a SystemExit for a run that went well
+    with pytest.raises(SystemExit) as exit_:
+        cu.run_main(lambda: 1)
+    assert exit_.value.code == 1
+
+
+def parser():
+    p = cu.ArgumentParser(prog="X.py")
+    p.add_argument("--out", default="o")
+    p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo")
+    p.add_alias("--output", dest="out")
+    p.add_alias("--reference", dest="model_impl", const="transformers")
+    return p
+
+
+def test_notebook_arguments_are_dropped_and_anything_else_is_an_error():
+    kernel = ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"]
+    assert cu.parse_args(parser(), kernel + ["--out", "a"]).out == "a"
+    assert cu.parse_args(parser(), ["--f=/run/kernel-2.json"]).out == "o"  # VS Code's spelling
+    with pytest.raises(cu.UserError, match=r"unrecognized arguments: --max-step 3 \(python X.py --help"):
+        cu.parse_args(parser(), ["--max-step", "3"])
+    with pytest.raises(cu.UserError, match="invalid choice"):
+        cu.parse_args(parser(), ["--model-impl", "mine"])
+
+
+def test_old_spellings_work_and_are_hidden():
+    assert cu.parse_args(parser(), ["--output", "b"]).out == "b"
+    assert cu.parse_args(parser(), ["--reference"]).model_impl == "transformers"
+    assert cu.parse_args(parser(), []).model_impl == "repo"
+    shown = parser().format_help()
+    assert "--out" in shown and "--output" not in shown and "--reference" not in shown
+
+
+def test_a_bad_option_in_a_real_process_is_one_line_with_exit_2():
+    result = subprocess.run([sys.executable, str(ROOT / "convert_chatglm2.py"), "a", "b", "--bogus"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: unrecognized arguments: --bogus") and result.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------ weights and data
+def test_local_directory_first_then_beside_the_script(tmp_path, monkeypatch):
+    (tmp_path / "model" / "gpt2-base").mkdir(parents=True)
+    monkeypatch.chdir(ROOT)
+    assert cu.local_or_hub("model/gpt2-base", "gpt2", tmp_path) == os.path.join(tmp_path, "model/gpt2-base")
+    monkeypatch.chdir(tmp_path)
+    assert cu.local_or_hub("model/gpt2-base", "gpt2", ROOT) == "model/gpt2-base"
+
+
+def test_offline_and_not_cached_says_what_to_create(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cu.UserError) as error:
+        cu.local_or_hub("model/gpt2-base", "gpt2", tmp_path)
+    message = str(error.value)
+    assert "model/gpt2-base not found" in message and "hf download gpt2 --local-dir model/gpt2-base" in message
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+    with pytest.raises(cu.UserError, match="`sharegpt_gpt4.json` of the dataset `openchat/openchat_sharegpt4_dataset`"):
+        cu.local_or_hub("data/sharegpt_gpt4.json", "openchat/openchat_sharegpt4_dataset", tmp_path,
+                        filename="sharegpt_gpt4.json", repo_type="dataset")
+
+
+def test_the_gpt2_classes():
+    from transformers import GPT2LMHeadModel
+    assert cu.gpt2_model_class("transformers") is GPT2LMHeadModel
+    assert cu.gpt2_model_class("repo").__module__ == "gpt2.modeling_gpt2"
+
+
+# ------------------------------------------------------------------------------------------------ device and dtype
+def test_device_and_dtype_rules(monkeypatch):
+    import torch
+    assert cu.pick_device("cpu") == "cpu"
+    with pytest.raises(cu.UserError, match="use auto, cpu, cuda or cuda:N"):
+        cu.pick_device("gpu")
+    if not torch.cuda.is_available():
+        assert cu.pick_device("auto") == "cpu"
+        with pytest.raises(cu.UserError, match="sees no GPU"):
+            cu.pick_device("cuda:0")
+    assert cu.pick_dtype("auto", "cpu", cpu_bf16=False) == "fp32"
+    assert cu.pick_dtype("auto", "cpu", cpu_bf16=True) == "bf16"
+    assert cu.pick_dtype("bf16", "cpu") == "bf16"
+    with pytest.raises(cu.UserError, match="fp16 needs a GPU"):
+        cu.pick_dtype("fp16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cu.pick_dtype("auto", "cuda:1") == "fp16"
+    assert cu.torch_dtype("bf16") is torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_atomic_file_and_directory(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    with cu.atomic_path(target) as tmp:
+        assert not os.path.exists(target) and tmp.endswith("report.json")
+        open(tmp, "w").write("new")
+    assert target.read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with cu.atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "new" and os.listdir(target.parent) == ["report.json"]
+    out = tmp_path / "adapter"
+    for text in ("one", "two"):
+        with cu.atomic_path(out) as tmp:
+            os.makedirs(tmp)
+            open(os.path.join(tmp, "weights"), "w").write(text)
+    assert (out / "weights").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["adapter", "sub"]
+    with pytest.raises(KeyboardInterrupt):
+        with cu.atomic_path(out) as tmp:
+            os.makedirs(tmp)
+            raise KeyboardInterrupt
+    assert (out / "weights").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["adapter", "sub"]
+
+
+def test_loss_plot_is_a_png(tmp_path):
+    cu.plot_losses(tmp_path / "loss.png", [(1, 3.0), (2, 2.5), (3, 2.2)], [(0, 3.1), (3, 2.3)], title="t")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["loss.png"]
+
+
+def test_load_script_by_path():
+    ab = cu.load_script(ROOT / "A+B_Problem.py")
+    assert ab.__name__ == "A_B_Problem" and callable(ab.main)
+    assert cu.load_script(ROOT / "A+B_Problem.py") is ab  # once
