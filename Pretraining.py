@@ -10,7 +10,7 @@ What it does, top to bottom:
   2. builds a GPT2Config (`--size tiny|baby|small|124M` or explicit --n-layer/--n-head/--n-embd/--block-size);
   3. trains with AdamW (fused; weight decay only on matrices), warmup + cosine decay, gradient accumulation,
      gradient clipping, bf16/fp16 autocast (or bf16 weights + fp32 master copy), optional torch.compile;
-  4. every --eval-interval steps: val loss, a generated sample, a checkpoint (`<out>/ckpt.pt`, written
+  4. every --eval-steps steps: val loss, a generated sample, a checkpoint (`<out>/ckpt.pt`, written
      atomically) and the loss curve (`<out>/loss_curve.png`); `--resume` continues after a crash;
   5. at the end: `save_pretrained` model + tokenizer in `--out`, and `metrics.json`.
 
@@ -26,6 +26,7 @@ GPU); only rank 0 prints, evaluates and saves. `python Pretraining.py --help` li
 import argparse
 import contextlib
 import copy
+import dataclasses
 import glob
 import json
 import math
@@ -37,11 +38,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
-ROOT = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-if ROOT not in sys.path:  # so `gpt2/` imports from any working directory (and in Colab)
-    sys.path.insert(0, ROOT)
+from course_utils import (
+    DTYPE_CHOICES,
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    cpu_supports_bf16,
+    gpt2_model_class,
+    parse_args,
+    pick_device,
+    pick_dtype,
+    plot_losses,
+    run_main,
+    script_dir,
+)
 
+ROOT = script_dir(globals())  # for the default paths: data/pretrain/, model/gpt2-base, model/gpt2-pretrained
 EOS = "<|endoftext|>"  # GPT-2's document separator; our own tokenizers reuse the same string
 
 # Model presets. "baby" is nanoGPT's CPU setting for Shakespeare, "small" its GPU one, "124M" is GPT-2.
@@ -53,13 +65,9 @@ SIZES = {
 }
 
 
-class UserError(Exception):
-    """A foreseeable problem: main() prints its one-sentence message instead of a stack trace."""
-
-
 # ----------------------------------------------------------------------------- arguments
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain a GPT-2 from scratch (Task 5).")
+def build_parser():
+    p = ArgumentParser(description="Pretrain a GPT-2 from scratch (Task 5).")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=[os.path.join(ROOT, "data", "pretrain")],
                    help="text / JSONL files, directories or globs (default: data/pretrain/)")
@@ -91,7 +99,7 @@ def parse_args(argv=None):
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.99)
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="precision (auto: GPU bf16, else fp16; CPU bf16 from 256 wide if it has bf16 units, else fp32)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--master-weights", action="store_true",
@@ -101,36 +109,34 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     g = p.add_argument_group("logging")
-    g.add_argument("--eval-interval", type=int, default=250, help="steps between val loss + checkpoint (0: only at the end)")
+    g.add_argument("--eval-steps", type=int, default=250,
+                   help="steps between val loss + checkpoint (0: only at the end)")
     g.add_argument("--eval-iters", type=int, default=20, help="val batches per evaluation")
-    g.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints (default: eval interval)")
+    g.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (default: --eval-steps)")
     g.add_argument("--sample-tokens", type=int, default=64, help="length of the sample printed at each eval (0: none)")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="hardware peak for MFU (default: known GPUs by name; CPU 2.0 bf16 / 0.28 fp32, this course's 2-core CPU)")
+                   help="hardware peak for MFU (default: known GPUs by name; CPU 2.0 bf16 / 0.28 fp32, "
+                        "this course's 2-core CPU)")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    # Hidden, for the resume test: exit hard (no cleanup, like a kill) right after this step.
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
-    args, unknown = p.parse_known_args(argv)  # tolerate a notebook kernel's own argv
-    if unknown and not any(u.startswith("-f") or u.endswith(".json") for u in unknown):
-        print(f"Ignoring unknown arguments: {' '.join(unknown)}")
-    return args
+    p.add_alias("--eval-interval", dest="eval_steps", type=int)  # the old names, accepted but not in --help
+    p.add_alias("--save-interval", dest="save_steps", type=int)
+    return p
 
 
 # ----------------------------------------------------------------------------- processes and devices
+def log(*args, **kwargs):
+    """print, in the first process only: under torchrun every process runs this script."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
+
+
 def setup_distributed(args):
     """One process, or one of N started by torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
-        if device != "cpu" and not device.startswith("cuda"):
-            raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N.")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device} was asked for, but PyTorch sees no GPU: use --device cpu.")
-        if device == "cuda":  # set_device and DDP need the index: each torchrun process takes its own GPU
-            device = f"cuda:{local_rank}"
+    device = pick_device(args.device)
+    if device == "cuda":  # set_device and DDP need the index: each torchrun process takes its own GPU
+        device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and newer)
@@ -144,29 +150,14 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def cpu_supports_bf16():
-    """AVX512-BF16 or AMX (the same probe as the SFT script's): without them (most laptops, AMD before Zen 4)
-    bf16 matrix products are emulated."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-def choose_dtype(args, device, n_embd, log=print):
-    on_cpu = not device.startswith("cuda")
-    if args.dtype != "auto":
-        if args.dtype == "fp16" and on_cpu:
-            raise UserError("fp16 autocast needs a GPU; on a CPU use --dtype bf16 or fp32.")
-        if args.dtype == "bf16" and on_cpu and not cpu_supports_bf16():
-            log("Note: this CPU has no bf16 units (AVX512-BF16/AMX): bf16 runs emulated, many times slower than "
-                "fp32 (--dtype auto picks fp32 here).")
-        return args.dtype
-    if not on_cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # On a CPU, bf16 pays off only where the CPU has bf16 units (AVX512-BF16 / AMX) and the matrices are
-    # wide enough to hide the casts (bench/bench_pretrain.py measures it); small models stay fp32.
-    return "bf16" if cpu_supports_bf16() and n_embd >= 256 else "fp32"
+def choose_dtype(args, device, n_embd):
+    """--dtype: on a CPU, bf16 pays off only where the CPU has bf16 units (AVX512-BF16 / AMX) and the matrices
+    are wide enough to hide the casts (bench/bench_pretrain.py measures it), so auto keeps small models fp32."""
+    has_bf16 = cpu_supports_bf16()
+    if args.dtype == "bf16" and not device.startswith("cuda") and not has_bf16:
+        log("Note: this CPU has no bf16 units (AVX512-BF16/AMX): bf16 runs emulated, many times slower than "
+            "fp32 (--dtype auto picks fp32 here).")
+    return pick_dtype(args.dtype, device, cpu_bf16=has_bf16 and n_embd >= 256)
 
 
 def peak_flops(args, device, dtype):
@@ -306,7 +297,8 @@ def load_tokenizer(args, files, block_size):
             tok = AutoTokenizer.from_pretrained("gpt2")
         except Exception:
             raise UserError(f"No GPT-2 tokenizer at {path} and no hub access: download 'gpt2' into that directory "
-                            "(see model/README.md), or train one on your data with --tokenizer bpe or --tokenizer char.")
+                            "(see model/README.md), or train one on your data with --tokenizer bpe or "
+                            "--tokenizer char.")
     else:
         raise UserError(f"--tokenizer {path}: no such directory (use gpt2, bpe, char or a tokenizer directory).")
     if tok.eos_token_id is None:
@@ -326,7 +318,6 @@ def fingerprint(args, files):
 
 def prepare_data(args, files, block_size):
     """Build (or reuse) <out>/data/tokens.bin and the tokenizer saved in <out>. Runs on rank 0 only."""
-    from tqdm.auto import tqdm
     cache = os.path.join(args.out, "data")
     meta_path = os.path.join(cache, "meta.json")
     fp = fingerprint(args, files)
@@ -339,12 +330,29 @@ def prepare_data(args, files, block_size):
     os.makedirs(cache, exist_ok=True)
     tok = load_tokenizer(args, files, block_size)
     dtype = np.uint16 if len(tok) <= 65535 else np.uint32
+    # Atomic: a run killed while tokenizing, or a corpus too short, leaves no half-written tokens.bin behind.
+    with atomic_path(os.path.join(cache, "tokens.bin")) as tmp:
+        n_tokens = write_tokens(tmp, tok, files, args, dtype)
+        n_val = int(n_tokens * args.val_fraction)
+        if n_tokens - n_val < block_size + 2 or n_val < block_size + 2:
+            raise UserError(f"The corpus has only {n_tokens} tokens, too few for a block size of {block_size} "
+                            f"with a {args.val_fraction:.0%} validation split: add text or lower --block-size.")
+    tok.save_pretrained(args.out)
+    with open(meta_path, "w") as f:
+        json.dump({"fingerprint": fp, "n_tokens": n_tokens, "n_train": n_tokens - n_val,
+                   "dtype": np.dtype(dtype).name, "vocab_size": len(tok)}, f, indent=1)
+    print(f"Tokenized {len(files)} file(s): {n_tokens:,} tokens ({n_tokens - n_val:,} train, {n_val:,} val), "
+          f"vocabulary {len(tok):,}.")
+
+
+def write_tokens(path, tok, files, args, dtype):
+    """Tokenize the corpus into `path`: one flat array of token ids, an end-of-text token after each document."""
+    from tqdm.auto import tqdm
     eos, encoder = tok.eos_token_id, tok.backend_tokenizer
     stats, n_tokens, batch = {}, 0, []
-    tmp = os.path.join(cache, "tokens.bin.tmp")
     total = sum(os.path.getsize(f) for f in files)
-    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                                      disable=args.no_progress) as bar:
+    with open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                                       disable=args.no_progress) as bar:
         def flush():
             nonlocal n_tokens, batch
             encoded = encoder.encode_batch([t for t in batch if t is not None], add_special_tokens=False)
@@ -362,18 +370,7 @@ def prepare_data(args, files, block_size):
         flush()
     if stats.get("bad_records"):
         print(f"Skipped {stats['bad_records']} JSON records that were not JSON or had no '{args.text_field}' string.")
-    n_val = int(n_tokens * args.val_fraction)
-    if n_tokens - n_val < block_size + 2 or n_val < block_size + 2:
-        os.remove(tmp)
-        raise UserError(f"The corpus has only {n_tokens} tokens, too few for a block size of {block_size} "
-                        f"with a {args.val_fraction:.0%} validation split: add text or lower --block-size.")
-    os.replace(tmp, os.path.join(cache, "tokens.bin"))
-    tok.save_pretrained(args.out)
-    with open(meta_path, "w") as f:
-        json.dump({"fingerprint": fp, "n_tokens": n_tokens, "n_train": n_tokens - n_val,
-                   "dtype": np.dtype(dtype).name, "vocab_size": len(tok)}, f, indent=1)
-    print(f"Tokenized {len(files)} file(s): {n_tokens:,} tokens ({n_tokens - n_val:,} train, {n_val:,} val), "
-          f"vocabulary {len(tok):,}.")
+    return n_tokens
 
 
 def load_data(out):
@@ -403,18 +400,6 @@ def step_offsets(seed, step, n, grad_accum, batch_size, block_size):
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-def model_class(impl):
-    if impl == "transformers":
-        from transformers import GPT2LMHeadModel
-        return GPT2LMHeadModel
-    try:
-        from gpt2.modeling_gpt2 import GPT2LMHeadModel
-    except Exception as e:  # missing or unfinished Task 4
-        raise UserError(f"gpt2/modeling_gpt2.py could not be imported ({type(e).__name__}: {e}); complete Task 4 "
-                        "first, or run with --model-impl transformers.")
-    return GPT2LMHeadModel
-
-
 def use_fused_gelu(model):
     """Swap GPT-2's tanh-GELU, written out as 7 element-wise operations, for PyTorch's single fused kernel.
 
@@ -588,56 +573,68 @@ def peak_rss_mb():
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-# ----------------------------------------------------------------------------- checkpoints and plots
-def save_checkpoint(path, model, optimizer, scaler, step, history, config, args):
-    # No random-number states: the data (step_offsets) and the dropout masks (seeded per step in train())
-    # depend only on the step, so a resumed run repeats exactly what the uninterrupted one would have done.
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "history": history, "config": config.to_dict(), "args": vars(args)}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill during the save leaves the previous checkpoint intact
+# ----------------------------------------------------------------------------- the run: what its steps share
+@dataclasses.dataclass
+class Run:
+    """Everything the training steps share; build_run makes it, main() calls the steps in order."""
+    args: argparse.Namespace
+    rank: int  # this process: 0 .. world-1 (0 without torchrun); rank 0 prints, evaluates and saves
+    world: int  # the number of processes
+    device: str
+    config: object  # the model's GPT2Config
+    block_size: int
+    dtype: str  # "fp32", "bf16" or "fp16"
+    raw_model: torch.nn.Module  # the fp32 model: the optimizer updates it, checkpoints and save_pretrained save it
+    eval_model: torch.nn.Module  # the model that runs forward passes (with --master-weights: its bf16 copy)
+    model: torch.nn.Module  # eval_model as it trains: compiled with --compile, wrapped in DDP under torchrun
+    mixed: object  # the MasterWeights with --master-weights, else None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # torch.autocast for bf16 / fp16, else a context that does nothing
+    history: dict  # "train" and "val": lists of (step, loss); "grad_norm": one per step
+    start_step: int  # 0, or the checkpoint's step with --resume
+    flops_per_token: float
+    peak_flops: float  # of all devices together, since tokens/s counts the tokens of all processes
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def tokens_per_step(self):
+        return self.args.grad_accum * self.args.batch_size * self.block_size
+
+    def mfu(self, tokens_per_s):
+        return self.flops_per_token * tokens_per_s / self.peak_flops
 
 
-def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if history["train"]:
-        steps, losses = zip(*history["train"])
-        ax.plot(steps, losses, lw=0.8, alpha=0.7, label="train")
-    if history["val"]:
-        steps, losses = zip(*history["val"])
-        ax.plot(steps, losses, "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# ----------------------------------------------------------------------------- the steps of a run, in order
+def load_checkpoint(args):
+    """With --resume: <out>/ckpt.pt, or None when there is none yet."""
+    if not args.resume:
+        return None
+    path = checkpoint_path(args)
+    if not os.path.exists(path):
+        log(f"No checkpoint at {path}: starting from scratch.")
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    log(f"Resuming from {path} at step {checkpoint['step']}.")
+    return checkpoint
 
 
-# ----------------------------------------------------------------------------- training
-def train(args):
-    from tqdm.auto import tqdm
+def checkpoint_path(args):
+    return os.path.join(args.out, "ckpt.pt")
+
+
+def load_corpus(args, rank, world, checkpoint):
+    """The tokenizer, the train and val token streams, and the block size.
+
+    Rank 0 tokenizes (or finds the cache); the other processes wait for it, then read the same files."""
     from transformers import AutoTokenizer
-    rank, world, device = setup_distributed(args)
-    master = rank == 0
-    ddp = world > 1
-    log = print if master else (lambda *a, **k: None)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-
-    checkpoint = None
-    if args.resume:
-        if os.path.exists(ckpt_path):
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            log(f"Resuming from {ckpt_path} at step {checkpoint['step']}.")
-        else:
-            log(f"No checkpoint at {ckpt_path}: starting from scratch.")
-
-    # 1. Data and tokenizer: rank 0 tokenizes (or finds the cache); the others wait, then read it.
     files = find_files(args.data)
     if not files:
         raise UserError(f"No .txt/.jsonl files found at {' '.join(args.data)}: put your corpus in data/pretrain/ "
@@ -646,13 +643,13 @@ def train(args):
     if checkpoint:
         block_size = checkpoint["config"]["n_positions"]
     error = None
-    if master:
+    if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         try:
             prepare_data(args, files, block_size)
         except UserError as e:
             error = str(e)
-    if ddp:  # the others wait here for the corpus, and learn whether rank 0 failed (else they would hang)
+    if world > 1:  # the others wait here for the corpus, and learn whether rank 0 failed (else they would hang)
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)
         error = box[0]
@@ -663,172 +660,221 @@ def train(args):
     if min(len(train_data), len(val_data)) < block_size + 2:
         raise UserError(f"The cached corpus ({meta['n_tokens']} tokens) is too short for a block size of {block_size}: "
                         "add text or lower --block-size.")
+    return tok, train_data, val_data, block_size
 
-    # 2. Model.
+
+def model_config(args, tok, checkpoint):
+    """A new GPT2Config from --size and friends, or the checkpoint's (which must fit the tokenizer)."""
     from transformers import GPT2Config
-    if checkpoint:
-        config = GPT2Config.from_dict(checkpoint["config"])
-        if config.vocab_size != len(tok):
-            raise UserError(f"{ckpt_path} was trained with a vocabulary of {config.vocab_size}, but the tokenizer now "
-                            f"has {len(tok)}: resume with the same --data and --tokenizer, or use a new --out.")
-    else:
-        config = build_config(args, len(tok), tok.eos_token_id)
-    args.lr = args.lr or (1e-3 if config.n_embd < 768 else 6e-4)
+    if not checkpoint:
+        return build_config(args, len(tok), tok.eos_token_id)
+    config = GPT2Config.from_dict(checkpoint["config"])
+    if config.vocab_size != len(tok):
+        raise UserError(f"{checkpoint_path(args)} was trained with a vocabulary of {config.vocab_size}, but the "
+                        f"tokenizer now has {len(tok)}: resume with the same --data and --tokenizer, "
+                        "or use a new --out.")
+    return config
+
+
+def fill_in_defaults(args, n_embd, world):
+    """The defaults that depend on the model's width, the number of steps or the number of processes."""
+    args.lr = args.lr or (1e-3 if n_embd < 768 else 6e-4)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.warmup_steps = min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps
     args.grad_accum = args.grad_accum or world
     if args.grad_accum % world:
         raise UserError(f"--grad-accum {args.grad_accum} counts the micro-batches of one step over all processes: "
                         f"make it a multiple of the number of processes ({world}).")
-    accum_local = args.grad_accum // world
+
+
+def build_run(args, config, block_size, rank, world, device, checkpoint):
+    """The model, its precision and its optimizer (restored from the checkpoint with --resume)."""
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = model_class(args.model_impl)(config).to(device)
-    raw_model = model
-    n_params = sum(p.numel() for p in model.parameters())
-    use_fused_gelu(model)
-    dtype = choose_dtype(args, device, config.n_embd, log)
+    raw_model = gpt2_model_class(args.model_impl)(config).to(device)
+    use_fused_gelu(raw_model)
+    dtype = choose_dtype(args, device, config.n_embd)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     # --master-weights (CPU bf16): a bf16 copy computes, the fp32 model is updated (MasterWeights); else autocast.
-    mixed = dtype == "bf16" and device == "cpu" and args.master_weights
+    master_weights = dtype == "bf16" and device == "cpu" and args.master_weights
     autocast = (torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=amp_dtype)
-                if amp_dtype and not mixed else contextlib.nullcontext())
+                if amp_dtype and not master_weights else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")  # fp16 needs loss scaling, bf16 does not
-    optimizer = configure_optimizer(model, args, device)
+    optimizer = configure_optimizer(raw_model, args, device)
     history, start_step = {"train": [], "val": [], "grad_norm": []}, 0
     if checkpoint:
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         history, start_step = checkpoint["history"], checkpoint["step"]
-        del checkpoint
-    mixed = MasterWeights(raw_model) if mixed else None
+    mixed = MasterWeights(raw_model) if master_weights else None
     eval_model = mixed.compute if mixed else raw_model  # the model that runs forward passes
-    model = eval_model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
+    model = torch.compile(eval_model) if args.compile else eval_model
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+    return Run(args=args, rank=rank, world=world, device=device, config=config, block_size=block_size, dtype=dtype,
+               raw_model=raw_model, eval_model=eval_model, model=model, mixed=mixed, optimizer=optimizer,
+               scaler=scaler, autocast=autocast, history=history, start_step=start_step,
+               flops_per_token=flops_per_token(config), peak_flops=peak_flops(args, device, dtype) * world)
 
-    tokens_per_step = args.grad_accum * args.batch_size * block_size
-    # tokens/s counts the tokens of all processes, so MFU compares it with the peak of all devices together.
-    fpt, peak = flops_per_token(config), peak_flops(args, device, dtype) * world
-    log(f"Model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {block_size}, "
+
+def describe(run):
+    args, config = run.args, run.config
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    log(f"Model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {run.block_size}, "
         f"vocabulary {config.vocab_size}: {n_params / 1e6:.2f}M parameters ({args.model_impl} implementation).")
-    log(f"Training on {device} x{world} ({dtype}), {tokens_per_step:,} tokens per step "
-        f"({args.grad_accum} micro-batches of {args.batch_size}x{block_size}), {args.max_steps} steps.")
+    log(f"Training on {run.device} x{run.world} ({run.dtype}), {run.tokens_per_step:,} tokens per step "
+        f"({args.grad_accum} micro-batches of {args.batch_size}x{run.block_size}), {args.max_steps} steps.")
 
-    def evaluate(step):
-        val = estimate_loss(eval_model, val_data, args, block_size, device, autocast)
-        history["val"].append((step, val))
-        msg = f"step {step}: val loss {val:.4f}"
-        if args.sample_tokens:
-            msg += "\n--- sample ---\n" + sample_text(eval_model, tok, args.sample_tokens, block_size, device) + "\n---"
-        tqdm.write(msg)
-        plot_losses(history, os.path.join(args.out, "loss_curve.png"))
-        return val
 
-    # 3. The loop. Each step: accum_local micro-batches on this rank, then one optimizer update.
-    save_every = args.save_interval or args.eval_interval
-    bar = tqdm(total=args.max_steps, initial=start_step, disable=not master or args.no_progress,
+def train_loop(run, tok, train_data, val_data):
+    """The steps from start_step to --max-steps; rank 0 evaluates and checkpoints on the way.
+    Returns the time of every step and the tokens/s after the first two (which include one-off costs)."""
+    from tqdm.auto import tqdm
+    args, history = run.args, run.history
+    save_every = args.save_steps or args.eval_steps
+    bar = tqdm(total=args.max_steps, initial=run.start_step, disable=not run.master or args.no_progress,
                dynamic_ncols=True, mininterval=1.0)
     timed_tokens, timed_seconds, t_last_log, step_seconds = 0, 0.0, time.perf_counter(), []
-    model.train()
-    for step in range(start_step, args.max_steps):
+    run.model.train()
+    for step in range(run.start_step, args.max_steps):
         t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        offsets = step_offsets(args.seed, step, len(train_data), args.grad_accum, args.batch_size, block_size)
-        # Dropout masks from (seed, rank, step) alone: different on every rank, the same after a --resume.
-        # (hash() of a tuple of ints is the same in every process; only str hashes change per run.)
-        torch.manual_seed(hash((args.seed, rank, step)) % 2**63)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum_local):
-            x, y = get_batch(train_data, offsets[rank + micro * world], block_size, device)
-            # DDP averages gradients across ranks during backward; skip that on all but the last micro-step.
-            # (With bf16 master weights every micro-step syncs: its gradients leave the bf16 model at once,
-            # to be summed in fp32.)
-            sync = micro == accum_local - 1 or mixed is not None
-            with (model.no_sync() if ddp and not sync else contextlib.nullcontext()):
-                with autocast:
-                    logits = model(input_ids=x).logits
-                loss = lm_loss(logits, y) / accum_local
-                scaler.scale(loss).backward()
-            if mixed:
-                mixed.collect_grads()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)  # fp16: back to true gradients before measuring them (a no-op otherwise)
-        # The gradient norm is worth watching (spikes announce trouble); with --grad-clip 0 it is only measured.
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if mixed:
-            mixed.copy_to_compute()
-        if ddp:  # the loss of the whole global batch, for the log (gloo has no AVG: sum, then divide)
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= world
-        train_loss = loss_sum.item()
+        train_loss, grad_norm, lr = train_step(run, step, train_data)
         history["train"].append((step + 1, train_loss))
         history["grad_norm"].append(grad_norm)
         dt = time.perf_counter() - t0
         step_seconds.append(dt)
-        if step - start_step >= 2:  # the first steps include one-off warm-up costs (allocations, compile)
-            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
-        tok_s = tokens_per_step / dt
+        if step - run.start_step >= 2:  # the first steps include one-off warm-up costs (allocations, compile)
+            timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
+        tok_s = run.tokens_per_step / dt
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", norm=f"{grad_norm:.2f}", tok_s=f"{tok_s:,.0f}",
-                        mfu=f"{fpt * tok_s / peak:.1%}", refresh=False)
+                        mfu=f"{run.mfu(tok_s):.1%}", refresh=False)
         bar.update(1)
-        if args.no_progress and master and time.perf_counter() - t_last_log > 10:
+        if args.no_progress and run.master and time.perf_counter() - t_last_log > 10:
             print(f"step {step + 1}/{args.max_steps} loss {train_loss:.4f} lr {lr:.2e} norm {grad_norm:.2f} "
-                  f"{tok_s:,.0f} tok/s MFU {fpt * tok_s / peak:.1%}", flush=True)
+                  f"{tok_s:,.0f} tok/s MFU {run.mfu(tok_s):.1%}", flush=True)
             t_last_log = time.perf_counter()
         done = step + 1
-        if master and args.eval_interval and done % args.eval_interval == 0 and done < args.max_steps:
-            evaluate(done)
-        if master and save_every and done % save_every == 0 and done < args.max_steps:
-            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, history, config, args)
-        if args.stop_after and done == args.stop_after:
-            os._exit(3)  # simulate a crash: no cleanup at all
+        if run.master and args.eval_steps and done % args.eval_steps == 0 and done < args.max_steps:
+            evaluate(run, done, tok, val_data)
+        if run.master and save_every and done % save_every == 0 and done < args.max_steps:
+            save_checkpoint(run, done)
     bar.close()
+    return step_seconds, timed_tokens / timed_seconds if timed_seconds else float("nan")
 
-    # 4. Final evaluation and the Hugging Face output directory.
-    if master:
-        val = evaluate(args.max_steps) if start_step < args.max_steps or not history["val"] else history["val"][-1][1]
-        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, args.max_steps, history, config, args)
-        raw_model.generation_config.bos_token_id = raw_model.generation_config.eos_token_id = tok.eos_token_id
-        raw_model.generation_config.pad_token_id = tok.eos_token_id
-        raw_model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
-        tok_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
-        metrics = {"final_train_loss": history["train"][-1][1] if history["train"] else None, "final_val_loss": val,
-                   "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak, "peak_flops": peak, "dtype": dtype,
-                   "device": device, "world_size": world, "n_params": n_params, "steps": args.max_steps,
-                   "tokens_per_step": tokens_per_step, "step_seconds": step_seconds,
-                   "peak_rss_mb": peak_rss_mb(), "history": history}
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        print(f"Done: val loss {val:.4f}, {tok_s:,.0f} tokens/s, MFU {metrics['mfu']:.1%}. "
-              f"Saved to {args.out} (GPT2LMHeadModel.from_pretrained / AutoTokenizer.from_pretrained load it).")
-    if ddp:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+
+def train_step(run, step, train_data):
+    """One optimizer step: this rank's micro-batches of the step's global batch, forward and backward, then AdamW.
+    Returns the loss of the whole global batch, the gradient norm and the learning rate."""
+    args, optimizer, scaler, mixed, world = run.args, run.optimizer, run.scaler, run.mixed, run.world
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    offsets = step_offsets(args.seed, step, len(train_data), args.grad_accum, args.batch_size, run.block_size)
+    # Dropout masks from (seed, rank, step) alone: different on every rank, the same after a --resume.
+    # (hash() of a tuple of ints is the same in every process; only str hashes change per run.)
+    torch.manual_seed(hash((args.seed, run.rank, step)) % 2**63)
+    loss_sum = torch.zeros((), device=run.device)
+    accum_local = args.grad_accum // world  # this rank's micro-batches
+    for micro in range(accum_local):
+        x, y = get_batch(train_data, offsets[run.rank + micro * world], run.block_size, run.device)
+        # DDP averages gradients across ranks during backward; skip that on all but the last micro-step.
+        # (With bf16 master weights every micro-step syncs: its gradients leave the bf16 model at once,
+        # to be summed in fp32.)
+        sync = micro == accum_local - 1 or mixed is not None
+        with (run.model.no_sync() if run.ddp and not sync else contextlib.nullcontext()):
+            with run.autocast:
+                logits = run.model(input_ids=x).logits
+            loss = lm_loss(logits, y) / accum_local
+            scaler.scale(loss).backward()
+        if mixed:
+            mixed.collect_grads()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)  # fp16: back to true gradients before measuring them (a no-op otherwise)
+    # The gradient norm is worth watching (spikes announce trouble); with --grad-clip 0 it is only measured.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip or float("inf")).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if mixed:
+        mixed.copy_to_compute()
+    if run.ddp:  # the loss of the whole global batch, for the log (gloo has no AVG: sum, then divide)
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= world
+    return loss_sum.item(), grad_norm, lr
+
+
+def evaluate(run, step, tok, val_data):
+    """Rank 0: the val loss at `step` (and a generated sample), added to the history and to the loss curve."""
+    from tqdm.auto import tqdm
+    args = run.args
+    val = estimate_loss(run.eval_model, val_data, args, run.block_size, run.device, run.autocast)
+    run.history["val"].append((step, val))
+    msg = f"step {step}: val loss {val:.4f}"
+    if args.sample_tokens:
+        sample = sample_text(run.eval_model, tok, args.sample_tokens, run.block_size, run.device)
+        msg += "\n--- sample ---\n" + sample + "\n---"
+    tqdm.write(msg)
+    plot_losses(os.path.join(args.out, "loss_curve.png"), run.history["train"], run.history["val"],
+                ylabel="loss (nats/token)")
+    return val
+
+
+def save_checkpoint(run, step):
+    """<out>/ckpt.pt: everything --resume needs to continue after `step` as if the run had never stopped."""
+    # No random-number states: the data (step_offsets) and the dropout masks (seeded per step in train_step)
+    # depend only on the step, so a resumed run repeats exactly what the uninterrupted one would have done.
+    state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "step": step, "history": run.history,
+             "config": run.config.to_dict(), "args": vars(run.args)}
+    with atomic_path(checkpoint_path(run.args)) as tmp:  # a kill during the save leaves the previous one intact
+        torch.save(state, tmp)
+
+
+def save_outputs(run, tok, val_data, step_seconds, tokens_per_s):
+    """Rank 0, at the end: the final evaluation and checkpoint, the Hugging Face directory, metrics.json."""
+    args, history, model = run.args, run.history, run.raw_model
+    trained = run.start_step < args.max_steps or not history["val"]  # else: resumed a run that had finished
+    val = evaluate(run, args.max_steps, tok, val_data) if trained else history["val"][-1][1]
+    save_checkpoint(run, args.max_steps)
+    model.generation_config.bos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    metrics = {"final_train_loss": history["train"][-1][1] if history["train"] else None, "final_val_loss": val,
+               "tokens_per_s": tokens_per_s, "mfu": run.mfu(tokens_per_s), "peak_flops": run.peak_flops,
+               "dtype": run.dtype, "device": run.device, "world_size": run.world,
+               "n_params": sum(p.numel() for p in model.parameters()), "steps": args.max_steps,
+               "tokens_per_step": run.tokens_per_step, "step_seconds": step_seconds,
+               "peak_rss_mb": peak_rss_mb(), "history": history}
+    with atomic_path(os.path.join(args.out, "metrics.json")) as tmp, open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"Done: val loss {val:.4f}, {tokens_per_s:,.0f} tokens/s, MFU {metrics['mfu']:.1%}. "
+          f"Saved to {args.out} (GPT2LMHeadModel.from_pretrained / AutoTokenizer.from_pretrained load it).")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
-        train(args)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops, but one message is enough
-            print(f"Error: {e}", file=sys.stderr)
-        sys.exit(2)
+        rank, world, device = setup_distributed(args)
+        checkpoint = load_checkpoint(args)
+        tok, train_data, val_data, block_size = load_corpus(args, rank, world, checkpoint)
+        config = model_config(args, tok, checkpoint)
+        fill_in_defaults(args, config.n_embd, world)
+        run = build_run(args, config, block_size, rank, world, device, checkpoint)
+        del checkpoint  # its copy of the weights and of the optimizer state: free the memory before training
+        describe(run)
+        step_seconds, tokens_per_s = train_loop(run, tok, train_data, val_data)
+        if run.master:
+            save_outputs(run, tok, val_data, step_seconds, tokens_per_s)
+        if run.ddp:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue later with the same command plus --resume (checkpoint: {args.out}/ckpt.pt).",
               file=sys.stderr)
-        sys.exit(130)
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -61,14 +61,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (python {self.prog} --help lists the options).")
 
-    def add_alias(self, *old_names, dest, const=None):
-        """Old spellings of an option keep working but are not shown in --help: `--output` for `--out`.
-        With `const`, the old name is a flag that stores const (`--reference` is `--model-impl transformers`)."""
+    def add_alias(self, *old_names, dest, const=None, type=None):
+        """Old spellings of an option keep working but are not shown in --help: `--output` for `--out` (give the
+        new option's `type`, e.g. int). With `const`, the old name is a flag that stores const (`--reference` is
+        `--model-impl transformers`)."""
+        hidden = dict(dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if const is None:
-            self.add_argument(*old_names, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            self.add_argument(*old_names, type=type, **hidden)
         else:
-            self.add_argument(*old_names, dest=dest, action="store_const", const=const,
-                              default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            self.add_argument(*old_names, action="store_const", const=const, **hidden)
 
 
 def parse_args(parser, argv=None):

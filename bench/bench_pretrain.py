@@ -19,7 +19,6 @@ Run (under the lock when others share the machine; each part takes a few minutes
   flock /work/flags/bench.lock python bench/bench_pretrain.py --nanogpt /tmp/nanogpt
   python bench/bench_pretrain.py --part 2 --steps 30
 """
-import argparse
 import bz2
 import json
 import os
@@ -34,6 +33,9 @@ import unicodedata
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, parse_args, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAKESPEARE_CHARS = 1_115_394
@@ -86,9 +88,10 @@ def run_nanogpt(nanogpt, dataset, out, iters):
     r = subprocess.run(cmd, cwd=nanogpt, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode:
-        sys.exit(f"Error: nanoGPT's train.py failed:\n{r.stderr[-2000:]}")
+        raise UserError(f"nanoGPT's train.py failed (exit code {r.returncode}), its last output:\n{r.stderr[-2000:]}")
     times = [float(t) / 1000 for t in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", r.stdout, re.M)]
-    val = {int(s): float(v) for s, v in re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", r.stdout, re.M)}
+    val = {int(s): float(v)
+           for s, v in re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", r.stdout, re.M)}
     return {"step_seconds": times[1:], "val": val, "wall_s": wall}  # iteration 0 includes the first evaluation
 
 
@@ -99,7 +102,8 @@ def run_ours(text_path, out, iters, extra=()):
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     wall = time.perf_counter() - t0
     if r.returncode:
-        sys.exit(f"Error: Pretraining.py failed:\n{(r.stdout + r.stderr)[-2000:]}")
+        raise UserError(f"Pretraining.py failed (exit code {r.returncode}), its last output:\n"
+                        f"{(r.stdout + r.stderr)[-2000:]}")
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     m["val"] = {int(s): v for s, v in m["history"]["val"]}
@@ -113,7 +117,7 @@ def ours_baby_args(iters):
     return ["--tokenizer", "char", "--n-layer", b["n_layer"], "--n-head", b["n_head"], "--n-embd", b["n_embd"],
             "--block-size", b["block_size"], "--batch-size", b["batch_size"], "--lr", "1e-3", "--min-lr", "1e-4",
             "--warmup-steps", 100, "--beta2", 0.99, "--weight-decay", 0.1, "--grad-clip", 1.0, "--dropout", 0,
-            "--eval-interval", 250, "--eval-iters", 20, "--dtype", "fp32", "--sample-tokens", 0]
+            "--eval-steps", 250, "--eval-iters", 20, "--dtype", "fp32", "--sample-tokens", 0]
 
 
 # ----------------------------------------------------------------------------- the same held-out text for both
@@ -149,7 +153,8 @@ def score_both(text, nanogpt, nano_out, ours_out):
 
 
 def nano_forward_hidden(model, idx):
-    """nanoGPT's GPT.forward up to the final LayerNorm (its own forward keeps only the last position without targets)."""
+    """nanoGPT's GPT.forward up to the final LayerNorm (its own forward keeps only the last position without
+    targets)."""
     pos = torch.arange(idx.size(1))
     x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))
     for block in model.transformer.h:
@@ -194,7 +199,8 @@ def part1(args, text, text_path, work):
           f"wall time {wall[0]:.1f} s vs {wall[1]:.1f} s ({wall[1] / wall[0]:.2f}x)")
     print(f"val loss at {args.iters} (each script's own 20-batch estimate, mean of runs): "
           f"Pretraining.py {vals[0]:.4f}, nanoGPT {vals[1]:.4f}")
-    scores = [score_both(text, args.nanogpt, n["out"], o["out"]) for n, o in zip(runs["nanoGPT"], runs["Pretraining.py"])]
+    scores = [score_both(text, args.nanogpt, n["out"], o["out"])
+              for n, o in zip(runs["nanoGPT"], runs["Pretraining.py"])]
     for i, (nano_loss, ours_loss, nano_iter, n_chars) in enumerate(scores):
         print(f"same held-out text ({n_chars:,} characters), run {i + 1}: Pretraining.py {ours_loss:.4f}, "
               f"nanoGPT {nano_loss:.4f} (its best checkpoint, iteration {nano_iter})")
@@ -213,7 +219,7 @@ def gpt2_tokenizer_dir():
 def part2(args, text_path, work):
     tok_dir = gpt2_tokenizer_dir()
     tok_args = ["--tokenizer", tok_dir] if tok_dir else ["--tokenizer", "char"]
-    shape = ["--size", "124M", "--block-size", 256, "--batch-size", 4, "--eval-interval", 0, "--eval-iters", 1,
+    shape = ["--size", "124M", "--block-size", 256, "--batch-size", 4, "--eval-steps", 0, "--eval-iters", 1,
              "--sample-tokens", 0, "--warmup-steps", 5, *tok_args]
     variants = [("fp32", ["--dtype", "fp32"]), ("bf16 autocast", ["--dtype", "bf16"]),
                 ("bf16 master", ["--dtype", "bf16", "--master-weights"])]
@@ -221,7 +227,8 @@ def part2(args, text_path, work):
     for r in range(args.repeats):  # alternate the order: fp32, autocast, master, then the reverse
         for name, extra in (variants if r % 2 == 0 else variants[::-1]):
             print(f"  124M {name}, run {r + 1}/{args.repeats}: {args.steps} steps ...", flush=True)
-            m = run_ours(text_path, os.path.join(work, f"124M-{name.replace(' ', '-')}-{r}"), args.steps, [*shape, *extra])
+            out = os.path.join(work, f"124M-{name.replace(' ', '-')}-{r}")
+            m = run_ours(text_path, out, args.steps, [*shape, *extra])
             m["load"] = os.getloadavg()[0]
             runs[name].append(m)
             results.setdefault(name, m)
@@ -264,20 +271,22 @@ def part2(args, text_path, work):
         print(f"loss curves plotted to {args.plot}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nanogpt", help="a karpathy/nanoGPT checkout (its train.py is run as it is)")
     p.add_argument("--text", help="corpus file (default: 1.1 MB of English Wikipedia from gensim's test data)")
     p.add_argument("--part", type=int, choices=[1, 2], help="run only this part")
     p.add_argument("--iters", type=int, default=2000, help="baby-GPT iterations (nanoGPT README: 2000)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each script (part 1) or precision (part 2), alternating")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each script (part 1) or precision (part 2), alternating")
     p.add_argument("--steps", type=int, default=16, help="training steps per precision in part 2")
     p.add_argument("--plot", help="save part 2's loss curves to this PNG")
-    args, _ = p.parse_known_args()
+    args = parse_args(p, argv)
     work = tempfile.mkdtemp(prefix="bench_pretrain_")
     if args.text:
         if not os.path.isfile(args.text):
-            sys.exit(f"Error: --text {args.text} is not a file.")
+            raise UserError(f"--text {args.text} is not a file: pass a text file, or leave --text out to use the "
+                            "Wikipedia sample.")
         text_path = args.text
         with open(text_path, encoding="utf-8") as f:
             text = f.read()
@@ -299,4 +308,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,8 @@ def parser():
     p.add_argument("--out", default="o")
     p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo")
     p.add_alias("--output", dest="out")
+    p.add_argument("--eval-steps", type=int, default=0)
+    p.add_alias("--eval-interval", dest="eval_steps", type=int)
     p.add_alias("--reference", dest="model_impl", const="transformers")
     return p
 
@@ -48,6 +50,7 @@ def test_notebook_arguments_are_dropped_and_anything_else_is_an_error():
 
 def test_old_spellings_work_and_are_hidden():
     assert cu.parse_args(parser(), ["--output", "b"]).out == "b"
+    assert cu.parse_args(parser(), ["--eval-interval", "100"]).eval_steps == 100
     assert cu.parse_args(parser(), ["--reference"]).model_impl == "transformers"
     assert cu.parse_args(parser(), []).model_impl == "repo"
     shown = parser().format_help()

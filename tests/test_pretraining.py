@@ -7,6 +7,8 @@ foreseeable mistakes end with one sentence and exit code 2.
 """
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import Pretraining
+from course_utils import UserError, load_script, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+Pretraining = load_script(ROOT / "Pretraining.py")
 SAMPLES = ROOT / "data" / "samples"
 TEXTS = [str(SAMPLES / "pretrain_en.txt"), str(SAMPLES / "pretrain_zh.txt")]
 # A tiny model and short runs: every test here takes seconds on 2 CPU cores.
@@ -29,16 +32,39 @@ def run_inprocess(*argv):
     Pretraining.main([str(a) for a in argv])
 
 
-def run_subprocess(*argv, torchrun=0, timeout=300):
+# `python -c KILLED_AFTER_SAVE Pretraining.py STEP ARGS...`: Pretraining.py with ARGS, killed like a crash (SIGKILL,
+# no cleanup at all) right after it saved the checkpoint of STEP. The script has no hook for this: its
+# save_checkpoint is wrapped from outside.
+KILLED_AFTER_SAVE = """
+import inspect, os, signal, sys
+import course_utils
+module = course_utils.load_script(sys.argv[1])
+kill_at, save = int(sys.argv[2]), module.save_checkpoint
+
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    if inspect.signature(save).bind(*args, **kwargs).arguments["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+module.save_checkpoint = save_then_die
+course_utils.run_main(lambda: module.main(sys.argv[3:]))
+"""
+
+
+def run_subprocess(*argv, torchrun=0, kill_after_save=0, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable]
-    if torchrun:
+    if kill_after_save:
+        cmd += ["-c", KILLED_AFTER_SAVE, str(ROOT / "Pretraining.py"), str(kill_after_save)]
+    elif torchrun:
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_addr", "127.0.0.1",
                 "--master_port", str(port)]
-    cmd += [str(ROOT / "Pretraining.py")] + [str(a) for a in argv]
+    if not kill_after_save:
+        cmd += [str(ROOT / "Pretraining.py")]
+    cmd += [str(a) for a in argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
 
 
@@ -56,12 +82,14 @@ def metrics(out):
 def char_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("char")
     run_inprocess("--data", *TEXTS, "--tokenizer", "char", "--max-steps", 40, "--lr", "3e-3",
-                  "--eval-interval", 20, "--out", out, *TINY)
+                  "--eval-steps", 20, "--out", out, *TINY)
     return str(out)
 
 
 def test_char_output_loads_in_transformers_and_matches_repo_model(char_run):
-    from transformers import AutoTokenizer, GPT2LMHeadModel as HFGPT2
+    from transformers import AutoTokenizer
+    from transformers import GPT2LMHeadModel as HFGPT2
+
     from gpt2.modeling_gpt2 import GPT2LMHeadModel as RepoGPT2
     tok = AutoTokenizer.from_pretrained(char_run)
     text = "A language model 读一段文字，猜下一个字。\n"
@@ -97,10 +125,11 @@ def test_char_run_learns_and_writes_curve_and_checkpoint(char_run):
 
 def test_weight_decay_on_matrices_only_and_the_tied_embedding_once():
     from transformers import GPT2Config
+
     from gpt2.modeling_gpt2 import GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2))
     assert model.lm_head.weight is model.transformer.wte.weight
-    args = Pretraining.parse_args(["--weight-decay", "0.1", "--lr", "1e-3"])
+    args = parse_args(Pretraining.build_parser(), ["--weight-decay", "0.1", "--lr", "1e-3"])
     decay, no_decay = Pretraining.configure_optimizer(model, args, "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}  # named_parameters lists a tied weight once
@@ -114,7 +143,7 @@ def test_weight_decay_on_matrices_only_and_the_tied_embedding_once():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    args = Pretraining.parse_args(["--max-steps", "100"])
+    args = parse_args(Pretraining.build_parser(), ["--max-steps", "100"])
     args.lr, args.min_lr, args.warmup_steps = 1e-3, 1e-4, 10
     lrs = [Pretraining.get_lr(s, args) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -132,9 +161,10 @@ def test_bpe_on_chinese_and_jsonl_with_a_bad_record(tmp_path, capsys):
         f.write(json.dumps({"title": "no text field"}) + "\n")
     out = tmp_path / "out"
     run_inprocess("--data", str(tmp_path / "*.jsonl"), TEXTS[0], "--tokenizer", "bpe", "--vocab-size", 400,
-                  "--max-steps", 3, "--eval-interval", 0, "--out", out, *TINY)
+                  "--max-steps", 3, "--eval-steps", 0, "--out", out, *TINY)
     assert "Skipped 2 JSON records" in capsys.readouterr().out
-    from transformers import AutoTokenizer, GPT2LMHeadModel as HFGPT2
+    from transformers import AutoTokenizer
+    from transformers import GPT2LMHeadModel as HFGPT2
     tok = AutoTokenizer.from_pretrained(out)
     text = "检查点比大多数人想象的更重要。Checkpoints matter."
     ids = tok(text)["input_ids"]
@@ -147,14 +177,14 @@ def test_bpe_on_chinese_and_jsonl_with_a_bad_record(tmp_path, capsys):
 @pytest.mark.parametrize("precision", [["--dtype", "fp32"], ["--dtype", "bf16", "--master-weights"]],
                          ids=["fp32", "bf16-master-weights"])
 def test_killed_run_resumes_to_the_same_result(tmp_path, precision):
-    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 8, "--eval-interval", 0,
-              "--save-interval", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY, *precision]
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 8, "--eval-steps", 0,
+              "--save-steps", 3, "--lr", "3e-3", "--dropout", "0.1", *TINY, *precision]
     full, broken = tmp_path / "full", tmp_path / "broken"
     # All three runs in subprocesses with the same thread count, so the arithmetic is bit-for-bit the same.
     r = run_subprocess(*common, "--out", full)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_subprocess(*common, "--out", broken, "--stop-after", 5)  # hard exit after step 5: last save at 3
-    assert r.returncode == 3, r.stderr[-2000:]
+    r = run_subprocess(*common, "--out", broken, kill_after_save=3)  # killed right after the checkpoint of step 3
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert torch.load(broken / "ckpt.pt", weights_only=False)["step"] == 3
     r = run_subprocess(*common, "--out", broken, "--resume")
     assert r.returncode == 0 and "Resuming from" in r.stdout, r.stderr[-2000:]
@@ -167,7 +197,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, precision):
 
 def test_two_processes_and_accumulation_equal_one_big_batch(tmp_path):
     """The same 8 sequences per step as 1x8, as 4 accumulated micro-batches of 2, and over 2 processes (DDP)."""
-    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 4, "--eval-interval", 0, "--lr", "3e-3", *TINY]
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 4, "--eval-steps", 0, "--lr", "3e-3", *TINY]
     big, accum, two = tmp_path / "big", tmp_path / "accum", tmp_path / "two"
     run_inprocess(*common, "--grad-accum", 1, "--batch-size", 8, "--out", big)
     run_inprocess(*common, "--grad-accum", 4, "--batch-size", 2, "--out", accum)
@@ -195,21 +225,31 @@ def test_two_processes_and_accumulation_equal_one_big_batch(tmp_path):
     (["--data", TEXTS[0], "--tokenizer", "gpt2", "--tokenizer-path", "/nonexistent/gpt2-base"],
      "--tokenizer bpe or --tokenizer char"),
     (["--data", TEXTS[0], "--tokenizer", "char", "--block-size", "4096"], "lower --block-size"),
-    (["--data", TEXTS[0], "--tokenizer", "char", "--dtype", "fp16", "--device", "cpu"], "fp16 autocast needs a GPU"),
+    (["--data", TEXTS[0], "--tokenizer", "char", "--dtype", "fp16", "--device", "cpu"], "--dtype fp16 needs a GPU"),
     (["--data", "{tmp}/broken.json", "--tokenizer", "char"], "is not valid JSON"),
     (["--data", TEXTS[0], "--size", "huge"], "invalid choice: 'huge'"),
     (["--data", TEXTS[0], "--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
     (["--data", TEXTS[0], "--tokenizer", "char", "--n-embd", "30", "--n-head", "4"], "must be a multiple of --n-head"),
 ])
-def test_foreseeable_mistakes_end_with_one_sentence(tmp_path, capsys, extra, message):
+def test_foreseeable_mistakes_end_with_one_sentence(tmp_path, extra, message):
     (tmp_path / "broken.json").write_text('[{"text": "a list cut short"', encoding="utf-8")
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     argv = TINY + ["--max-steps", "1", "--out", str(tmp_path / "out")] + extra  # argparse: the last value wins
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError, match=re.escape(message)):
         Pretraining.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+
+
+def test_a_mistake_on_the_command_line_is_one_line_and_exit_code_2(tmp_path):
+    r = run_subprocess("--data", "/nonexistent/corpus", "--out", tmp_path / "out", *TINY)
+    assert r.returncode == 2
+    assert r.stderr.startswith("Error: No .txt/.jsonl files found") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_old_option_names_are_hidden_aliases():
+    parser = Pretraining.build_parser()
+    args = parse_args(parser, ["--eval-interval", "5", "--save-interval", "7"])
+    assert (args.eval_steps, args.save_steps) == (5, 7)
+    assert "--eval-interval" not in parser.format_help() and "--eval-steps" in parser.format_help()
 
 
 def test_gpt2_tokenizer_from_a_local_directory(tmp_path):
@@ -223,7 +263,7 @@ def test_gpt2_tokenizer_from_a_local_directory(tmp_path):
                             bos_token="<|endoftext|>").save_pretrained(base)
     out = tmp_path / "out"
     run_inprocess("--data", *TEXTS, "--tokenizer", "gpt2", "--tokenizer-path", base, "--max-steps", 2,
-                  "--eval-interval", 0, "--out", out, *TINY)
+                  "--eval-steps", 0, "--out", out, *TINY)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(base).get_vocab()
     cfg = json.loads((out / "config.json").read_text())
@@ -237,6 +277,7 @@ def test_gpt2_tokenizer_from_a_local_directory(tmp_path):
 
 def tiny_model(seed=0, vocab=40):
     from transformers import GPT2Config
+
     from gpt2.modeling_gpt2 import GPT2LMHeadModel
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2,
@@ -305,7 +346,7 @@ def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
 
 def test_bf16_training_follows_the_fp32_loss_curve(tmp_path):
     """CPU bf16 (autocast, or bf16 weights + fp32 master) learns like fp32: same data and initial weights."""
-    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 20, "--eval-interval", 0, "--lr", "3e-3", *TINY]
+    common = ["--data", *TEXTS, "--tokenizer", "char", "--max-steps", 20, "--eval-steps", 0, "--lr", "3e-3", *TINY]
     curves = {}
     for name, extra in (("fp32", ["--dtype", "fp32"]), ("autocast", ["--dtype", "bf16"]),
                         ("master", ["--dtype", "bf16", "--master-weights"])):
