@@ -22,7 +22,6 @@ computes its outputs in a sandboxed process, and the comparison happens here, in
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -31,8 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
-# Pasted into a notebook cell there is no __file__: the cell runs in the repository root (after %cd).
-ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+from course_utils import (
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    hub_reachable,
+    load_script,
+    parse_args,
+    pick_device,
+    run_main,
+    script_dir,
+)
+
+ROOT = Path(script_dir(globals()))  # pasted into a notebook cell: the current directory, the repository root
 DEFAULT_FILE = ROOT / "gpt2" / "modeling_gpt2.py"
 DEFAULT_MODEL = ROOT / "model" / "gpt2-base"
 HUB_ID = "gpt2"
@@ -58,42 +68,29 @@ THE_DOG_EXPECTED = [464, 3290, 373, 1043, 287, 257, 2214, 1474, 262, 16246, 286,
                     464, 3290]
 
 
-class CheckError(Exception):
-    """A problem that ends the run with one clear sentence instead of a stack trace."""
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading the file under test and the weights
 # ----------------------------------------------------------------------------------------------------------
 
 def load_module(path):
-    """Import a modeling file from its path, under a name of its own (so it never shadows gpt2/)."""
+    """Import a modeling file from its path, under a name of its own (so it never shadows gpt2/), afresh on every
+    call: a notebook that checks the file again after an edit must get the edit, not the module loaded before."""
     path = Path(path)
     if not path.is_file():
-        raise CheckError(f"no such file: {path}")
+        raise UserError(f"no such file: {path}; give the modeling file to check with --file.")
     text = path.read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), 1):
         if "[MASK]" in line:
-            raise CheckError(f"{path} still has a [MASK] on line {number}: fill in every [MASK] first")
+            raise UserError(f"{path} still has a [MASK] on line {number}: fill in every [MASK] first.")
     name = f"checked_modeling_gpt2_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules.pop(name, None)  # else load_script would hand back the module of an earlier check
     try:
-        spec.loader.exec_module(module)
+        module = load_script(path, name)
     except Exception as error:  # a student's file can fail in any way; report it in one line
-        raise CheckError(f"{path} does not import: {type(error).__name__}: {error}") from None
+        raise UserError(f"{path} does not import ({type(error).__name__}: {error}): fix it and check again.") from None
     if not hasattr(module, "GPT2LMHeadModel"):
-        raise CheckError(f"{path} defines no GPT2LMHeadModel class")
+        raise UserError(f"{path} defines no GPT2LMHeadModel class: the checker loads the model from that class.")
     return module
-
-
-def hub_reachable(timeout=3.0):
-    """Can the hub be reached quickly? (The shared helper in hub_utils.py, imported only when needed, so the
-    grader can load this file without the repository root on its path.)"""
-    from hub_utils import hub_reachable as reachable
-
-    return reachable(timeout)
 
 
 def sensitive_random_gpt2(seed=SEED, **config_overrides):
@@ -139,24 +136,27 @@ def prepare_weights(model_arg, workdir, default_used):
     model_dir = Path(model_arg)
     if model_dir.is_dir():
         if not (model_dir / "config.json").is_file():
-            raise CheckError(f"{model_dir} has no config.json: download all files of the hub repo '{HUB_ID}' into it")
+            raise UserError(f"{model_dir} has no config.json: download all files of the hub repo '{HUB_ID}' into it.")
         config = json.loads((model_dir / "config.json").read_text())
         real = config.get("n_embd") == 768 and config.get("n_layer") == 12 and config.get("vocab_size") == 50257
         return model_dir, f"weights from {model_dir}", real
     hub_id = HUB_ID if default_used else model_arg
     if not default_used and os.sep in model_arg:
-        raise CheckError(f"no such model directory: {model_arg}")
+        raise UserError(f"no such model directory: {model_arg}; give --model a directory with config.json and "
+                        f"the weights, or a hub id.")
     if hub_reachable():
         print(f"{model_dir} not found: downloading '{hub_id}' from the hub (about 550 MB, once) ...", flush=True)
         try:
             model = GPT2LMHeadModel.from_pretrained(hub_id, dtype=torch.float32)
         except Exception as error:
-            raise CheckError(f"could not download '{hub_id}': {error}") from None
+            raise UserError(f"could not download '{hub_id}' ({type(error).__name__}: {str(error)[:200]}): check the "
+                            f"hub id, or give --model a local weights directory.") from None
         target = Path(workdir) / "hub"
         model.save_pretrained(target)
         return target, f"weights of '{hub_id}' from the hub", hub_id == HUB_ID
     if not default_used:
-        raise CheckError(f"no directory '{model_arg}' and no network to download it from the hub")
+        raise UserError(f"no directory '{model_arg}' and no network to download it from the hub: give --model a "
+                        f"local weights directory.")
     print(
         f"No {DEFAULT_MODEL.relative_to(ROOT)} and no network: checking on random weights at GPT-2 124M's shape "
         f"(seed {SEED}). For the real weights put the files of the hub repo '{HUB_ID}' into "
@@ -415,7 +415,8 @@ def forward_backward(model, batch, names, out, prefix=""):
     handles = record_trace(model, names, trace)
     try:
         every_layer = not prefix  # (not in train mode)
-        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=every_layer, output_attentions=every_layer)
+        result = model(input_ids=ids, attention_mask=mask, output_hidden_states=every_layer,
+                       output_attentions=every_layer)
     finally:
         remove(handles)
         out[prefix + "trace"] = trace
@@ -472,8 +473,6 @@ def record_inputs(model, names, seen):
 
 def mlp_probe_scale(model, i):
     """How much to scale the unit-size MLP probe so that block i's GELU inputs are of size ~1.5."""
-    import torch
-
     try:
         weight = model.get_parameter(f"transformer.h.{i}.mlp.c_fc.weight").detach()
     except AttributeError:
@@ -713,70 +712,101 @@ def parameter_row(ref, cand):
 
 def compare(ref, cand, inputs):
     """Compare the reference's outputs with the candidate's. Returns a list of result rows (dicts)."""
-    import torch
+    c = Comparison(ref, cand, inputs)
+    name, measured, tolerance, note = parameter_row(ref, cand)
+    rows = [c.row(name, measured, tolerance, note, "parameters")]
+    rows += float32_rows(c) + float64_rows(c) + real_weight_rows(ref, cand)
+    float32_inside = sorted(c.low - {"anywhere"})
+    if float32_inside:
+        rows[0]["note"] = (rows[0]["note"] + "; " if rows[0]["note"] else "") + \
+            "float32 inside " + ", ".join(float32_inside[:4]) + " (float32 tolerance there)"
+    return rows
 
-    real = inputs["attention_mask"].bool()  # padded positions carry no meaning: compare real tokens only
-    teacher_real = inputs["teacher_mask"].bool()
-    left_real = inputs["left_mask"].bool()
-    low = set(cand.get("low_precision") or []) | set(ref.get("low_precision") or [])
-    rel = relative_tolerance(low)
-    grad_rel = relative_tolerance(low, kind=" gradients")
-    errors = cand.get("errors", {})
-    culprit = first_divergence(ref["trace"], cand.get("trace") or {}, real, low)
-    train_culprit = first_divergence(ref["train_trace"], cand.get("train_trace") or {}, real, low)
-    rows = []
 
-    def row(name, measured, tolerance, note="", stage=None, blame=None):
+class Comparison:
+    """What the rows of one comparison share: both sets of outputs, which tokens are real (padded positions carry
+    no meaning: only real tokens are compared), the tolerances (float32's where the candidate computes in float32),
+    the stages the candidate crashed in, and the first module whose output diverges."""
+
+    def __init__(self, ref, cand, inputs):
+        self.ref, self.cand = ref, cand
+        self.real = inputs["attention_mask"].bool()
+        self.teacher_real = inputs["teacher_mask"].bool()
+        self.left_real = inputs["left_mask"].bool()
+        self.low = set(cand.get("low_precision") or []) | set(ref.get("low_precision") or [])
+        self.rel = relative_tolerance(self.low)
+        self.grad_rel = relative_tolerance(self.low, kind=" gradients")
+        self.errors = cand.get("errors", {})
+        self.culprit = first_divergence(ref["trace"], cand.get("trace") or {}, self.real, self.low)
+        self.train_culprit = first_divergence(ref["train_trace"], cand.get("train_trace") or {}, self.real, self.low)
+
+    def row(self, name, measured, tolerance, note="", stage=None, blame=None):
         ok = measured <= tolerance
-        if not ok and stage in errors:  # the candidate crashed in this stage: say how
-            note = f"crashed: {errors[stage]}"
+        if not ok and stage in self.errors:  # the candidate crashed in this stage: say how
+            note = f"crashed: {self.errors[stage]}"
         elif not ok and blame:
             note = (note + "; " if note else "") + f"first divergence: {blame}"
-        rows.append({"check": name, "passed": bool(ok), "measured": measured, "tolerance": tolerance,
-                     "ratio": ratio_of(measured, tolerance), "note": note})
+        return {"check": name, "passed": bool(ok), "measured": measured, "tolerance": tolerance,
+                "ratio": ratio_of(measured, tolerance), "note": note}
 
-    def tensor_row(name, key, where=None, rel=rel, stage=None, blame=None):
-        diff, tol = max_diff(ref[key], cand.get(key), where, rel)
-        row(name, diff, tol, "missing or wrong shape" if diff == math.inf else "", stage, blame)
+    def tensor_row(self, name, key, where=None, stage=None, blame=None):
+        diff, tol = max_diff(self.ref[key], self.cand.get(key), where, self.rel)
+        return self.row(name, diff, tol, "missing or wrong shape" if diff == math.inf else "", stage, blame)
 
-    def tensors_row(name, key, stage, blame=None, rel=rel):
-        ref_dict, cand_dict = ref[key], cand.get(key) or {}
+    def tensors_row(self, name, key, stage, blame, rel):
+        ref_dict, cand_dict = self.ref[key], self.cand.get(key) or {}
         pairs = {n: max_diff(r, cand_dict.get(n), None, rel) for n, r in ref_dict.items()}
         worst, measured, tol = worst_of(pairs)
-        row(name, measured, tol, f"worst: {worst}" if ratio_of(measured, tol) > 1 else "", stage, blame)
+        return self.row(name, measured, tol, f"worst: {worst}" if ratio_of(measured, tol) > 1 else "", stage, blame)
 
-    name, measured, tolerance, note = parameter_row(ref, cand)
-    row(name, measured, tolerance, note, "parameters")
-    f32 = TOLERANCE["float32"]
-    rows.append(logits32_row(ref, cand, real, f32, errors.get("float32"), culprit))
-    rows.append(loss_row(ref, cand, errors.get("float32"), culprit))
-    tensors_row("float32: gradients of every parameter", "gradients32", "float32", culprit,
-                TOLERANCE["float32 gradients"])
 
-    rows.append(sdpa_row(ref, cand, left_real, f32, errors.get("default attention")))
-    rows.append(kv_cache_row(ref, cand, left_real, f32, errors.get("KV cache")))
+def float32_rows(c):
+    """As students train and generate: logits, loss and gradients, the default attention, the KV cache, generate()."""
+    ref, cand, f32 = c.ref, c.cand, TOLERANCE["float32"]
+    return [
+        logits32_row(ref, cand, c.real, f32, c.errors.get("float32"), c.culprit),
+        loss_row(ref, cand, c.errors.get("float32"), c.culprit),
+        c.tensors_row("float32: gradients of every parameter", "gradients32", "float32", c.culprit,
+                      TOLERANCE["float32 gradients"]),
+        sdpa_row(ref, cand, c.left_real, f32, c.errors.get("default attention")),
+        kv_cache_row(ref, cand, c.left_real, f32, c.errors.get("KV cache")),
+    ] + generation_rows(c)
+
+
+def generation_rows(c):
+    """Greedy and sampled generation (fixed seed) must give the very same token ids."""
+    import torch
+
+    rows = []
     for key, name in (("greedy", f"greedy generation, {NEW_TOKENS} tokens"), ("sampled", "sampling, fixed seed")):
-        same = isinstance(cand.get(key), torch.Tensor) and cand[key].shape == ref[key].shape
-        mismatches = int((cand[key] != ref[key]).sum()) if same else ref[key].numel()
-        row("float32: " + name + " (identical ids)", mismatches, 0, f"{mismatches} ids differ" if mismatches else "",
-            "generation")
-    tensor_row("float64: logits, padded batch", "logits", real, stage="forward and backward", blame=culprit)
-    rows.append(hidden_states_row(ref, cand, real, rel, culprit))
-    rows.append(module_row("float64: each module on the reference's input", ref["teacher_outputs"],
-                           cand.get("teacher_outputs"), teacher_real, low, errors.get("teacher forcing")))
-    probes = {k[6:]: ref[k] for k in ref if k.startswith("probe ")}
-    rows.append(module_row("float64: module probes (LayerNorm eps, GELU curve)", probes,
-                           {k[6:]: cand[k] for k in cand if k.startswith("probe ")}, None, low, errors.get("probes")))
-    tensors_row("float64: gradients of every parameter", "gradients", "forward and backward", culprit, grad_rel)
-    tensor_row("float64: train mode (dropout, fixed seed): logits", "train_logits", real, stage="train mode",
-               blame=train_culprit)
-    tensors_row("float64: train mode: gradients of every parameter", "train_gradients", "train mode", train_culprit,
-                grad_rel)
-    rows += real_weight_rows(ref, cand)
-    if low - {"anywhere"}:
-        rows[0]["note"] = (rows[0]["note"] + "; " if rows[0]["note"] else "") + \
-            "float32 inside " + ", ".join(sorted(low - {"anywhere"})[:4]) + " (float32 tolerance there)"
+        same = isinstance(c.cand.get(key), torch.Tensor) and c.cand[key].shape == c.ref[key].shape
+        mismatches = int((c.cand[key] != c.ref[key]).sum()) if same else c.ref[key].numel()
+        rows.append(c.row("float32: " + name + " (identical ids)", mismatches, 0,
+                          f"{mismatches} ids differ" if mismatches else "", "generation"))
     return rows
+
+
+def float64_rows(c):
+    """float64, where a correct file agrees to ~1e-15: the whole model, every layer, each module on its own, the
+    gradients, and train mode (dropout)."""
+    ref, cand = c.ref, c.cand
+    probes = {k[6:]: ref[k] for k in ref if k.startswith("probe ")}
+    cand_probes = {k[6:]: cand[k] for k in cand if k.startswith("probe ")}
+    return [
+        c.tensor_row("float64: logits, padded batch", "logits", c.real, stage="forward and backward",
+                     blame=c.culprit),
+        hidden_states_row(ref, cand, c.real, c.rel, c.culprit),
+        module_row("float64: each module on the reference's input", ref["teacher_outputs"],
+                   cand.get("teacher_outputs"), c.teacher_real, c.low, c.errors.get("teacher forcing")),
+        module_row("float64: module probes (LayerNorm eps, GELU curve)", probes, cand_probes, None, c.low,
+                   c.errors.get("probes")),
+        c.tensors_row("float64: gradients of every parameter", "gradients", "forward and backward", c.culprit,
+                      c.grad_rel),
+        c.tensor_row("float64: train mode (dropout, fixed seed): logits", "train_logits", c.real, stage="train mode",
+                     blame=c.train_culprit),
+        c.tensors_row("float64: train mode: gradients of every parameter", "train_gradients", "train mode",
+                      c.train_culprit, c.grad_rel),
+    ]
 
 
 def loss_row(ref, cand, crash, culprit):
@@ -905,9 +935,8 @@ def print_table(rows, file=sys.stdout):
 
 # ----------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--file", default=str(DEFAULT_FILE),
                         help="the modeling_gpt2.py to check (default: %(default)s)")
     parser.add_argument("--model", default=None, help=f"weights directory or hub id (default: "
@@ -915,8 +944,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to run (default: CUDA if present)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    args, _unknown = parser.parse_known_args(argv)  # a notebook kernel passes arguments of its own
-    return args
+    return parser
 
 
 def check_weights(candidate_class, weights_dir, inputs, device):
@@ -926,7 +954,8 @@ def check_weights(candidate_class, weights_dir, inputs, device):
     try:
         reference = run_checks_on(ReferenceGPT2, weights_dir, inputs, device)
     except Exception as error:
-        raise CheckError(f"the reference model failed to run on {weights_dir}: {error}") from None
+        raise UserError(f"the reference model failed to run on {weights_dir} ({type(error).__name__}: {error}): "
+                        f"give --model a complete GPT-2 weights directory.") from None
     inputs = dict(inputs, teacher=reference["teacher_inputs"])  # what the candidate's modules are fed
     try:
         cand = run_checks_on(candidate_class, weights_dir, inputs, device)
@@ -967,22 +996,39 @@ def weight_sets(args, workdir):
 
 
 def write_json(path, result):
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str, allow_nan=True))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        Path(tmp).write_text(json.dumps(result, indent=2, default=str, allow_nan=True))
+
+
+def check_weight_set(candidate, weights_dir, description, real, device):
+    """Check the candidate on one weight set and print its table; returns its rows."""
+    import torch
+    from transformers import GPT2Config
+
+    config = GPT2Config.from_pretrained(weights_dir)
+    inputs = make_inputs(config)
+    tokenizer = real_weight_inputs(inputs, weights_dir) if real else None
+    threads = torch.get_num_threads()
+    if config.n_embd * config.n_layer <= 4096:  # a tiny model: one thread is faster (no contention)
+        torch.set_num_threads(1)
+    try:
+        rows, cand = check_weights(candidate.GPT2LMHeadModel, weights_dir, inputs, device)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nWeights: {description}")
+    if tokenizer is not None and "hello" in cand:
+        print('Reply to "Hello?":', repr(tokenizer.decode(cand["hello"][0])))
+    print_table(rows)
+    return rows
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    import torch
-    from transformers import GPT2Config
+    args = parse_args(build_parser(), argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CheckError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    device = pick_device(args.device)
     start = time.time()
     candidate = load_module(args.file)
     print(f"Checking {args.file} against transformers' GPT2LMHeadModel on {device}, eager attention, "
@@ -990,20 +1036,7 @@ def main(argv=None):
     results, all_rows = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for weights_dir, description, real in weight_sets(args, workdir):
-            config = GPT2Config.from_pretrained(weights_dir)
-            inputs = make_inputs(config)
-            tokenizer = real_weight_inputs(inputs, weights_dir) if real else None
-            threads = torch.get_num_threads()
-            if config.n_embd * config.n_layer <= 4096:  # a tiny model: one thread is faster (no contention)
-                torch.set_num_threads(1)
-            try:
-                rows, cand = check_weights(candidate.GPT2LMHeadModel, weights_dir, inputs, device)
-            finally:
-                torch.set_num_threads(threads)
-            print(f"\nWeights: {description}")
-            if tokenizer is not None and "hello" in cand:
-                print('Reply to "Hello?":', repr(tokenizer.decode(cand["hello"][0])))
-            print_table(rows)
+            rows = check_weight_set(candidate, weights_dir, description, real, device)
             results.append({"weights": description, "checks": rows})
             all_rows += [dict(r, weights=description) for r in rows]
     passed = all(r["passed"] for r in all_rows)
@@ -1012,15 +1045,8 @@ def main(argv=None):
     if args.json:
         write_json(args.json, {"file": str(args.file), "weights": results[0]["weights"], "device": device,
                                "passed": passed, "checks": all_rows, "weight_sets": results})
-    return 0 if passed else 1
+    return 0 if passed else 1  # 1: a check failed (the numbers are wrong), not a mistake on the command line
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CheckError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -11,20 +11,20 @@ whatever else the machine does hits both alike; each figure is the median of the
 Ratios > 1 mean this repository's GPT-2 is faster.
 """
 
-import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import torch
 from transformers import GPT2Config
 from transformers import GPT2LMHeadModel as Reference
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt2.modeling_gpt2 import GPT2LMHeadModel as Ours  # noqa: E402
+from course_utils import ArgumentParser, parse_args, pick_device, run_main
+from gpt2.modeling_gpt2 import GPT2LMHeadModel as Ours
 
 
 def make_models(device):
@@ -37,12 +37,13 @@ def make_models(device):
 
 
 def autocast(device, bf16):
-    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    kind = torch.device(device).type  # "cuda" for cuda:1 too
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def time_forward(model, device, bf16):
@@ -77,46 +78,55 @@ def time_generate(model, device, bf16, new_tokens=64):
     with torch.no_grad(), autocast(device, bf16):
         sync(device)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         sync(device)
     assert out.shape[1] == 16 + new_tokens
     return new_tokens / (time.perf_counter() - start)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
-    args, _ = parser.parse_known_args()
+    return parser
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    device = pick_device(args.device)
     hf_logging.set_verbosity_error()
-    models = make_models(args.device)
-    print(f"GPT-2 124M on {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.repeats}")
+    models = make_models(device)
+    print(f"GPT-2 124M on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"median of {args.repeats}")
     print(f"{'benchmark':<28}{'transformers':>14}{'ours':>14}{'ours faster by':>16}")
-    results = {}
     for bf16 in ([False] if args.no_bf16 else [False, True]):
         precision = "bf16" if bf16 else "fp32"
         optimizers = {}
         for name, function, unit in (
-            ("forward 8x128", lambda m: time_forward(m, args.device, bf16), "s"),
-            ("train step 4x128", lambda m: time_train_step(m, args.device, bf16, optimizers), "s"),
-            ("generate 64 tokens", lambda m: time_generate(m, args.device, bf16), "tok/s"),
+            ("forward 8x128", lambda m: time_forward(m, device, bf16), "s"),
+            ("train step 4x128", lambda m: time_train_step(m, device, bf16, optimizers), "s"),
+            ("generate 64 tokens", lambda m: time_generate(m, device, bf16), "tok/s"),
         ):
-            for model in models.values():  # warm-up: first calls allocate and pick kernels
-                function(model)
-            samples = {key: [] for key in models}
-            for repeat in range(args.repeats):
-                # Alternate, and swap who goes first, so that machine noise and warm caches hit both alike.
-                order = list(models.items()) if repeat % 2 == 0 else list(models.items())[::-1]
-                for key, model in order:
-                    samples[key].append(function(model))
-            ref, ours = statistics.median(samples["transformers"]), statistics.median(samples["ours"])
+            ref, ours = medians(models, function, args.repeats)
             ratio = ref / ours if unit == "s" else ours / ref
-            results[(precision, name)] = (ref, ours, ratio)
-            print(f"{precision + ' ' + name:<28}{ref:>11.3f} {unit:<3}{ours:>10.3f} {unit:<3}{ratio:>14.2f}x", flush=True)
-    return results
+            row = f"{precision + ' ' + name:<28}{ref:>11.3f} {unit:<3}{ours:>10.3f} {unit:<3}{ratio:>14.2f}x"
+            print(row, flush=True)
+
+
+def medians(models, function, repeats):
+    """(transformers' median, ours) of `function` over `repeats` runs, after one warm-up run each."""
+    for model in models.values():  # warm-up: first calls allocate and pick kernels
+        function(model)
+    samples = {key: [] for key in models}
+    for repeat in range(repeats):
+        # Alternate, and swap who goes first, so that machine noise and warm caches hit both alike.
+        order = list(models.items()) if repeat % 2 == 0 else list(models.items())[::-1]
+        for key, model in order:
+            samples[key].append(function(model))
+    return statistics.median(samples["transformers"]), statistics.median(samples["ours"])
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,6 @@ It runs on a sample of --baseline-sample files (default 4) and is scaled to 30 (
 
 Run:  python bench/bench_grade.py [--jobs 2] [--baseline-sample 4]
 """
-import argparse
 import csv
 import os
 import subprocess
@@ -20,9 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, load_script, parse_args, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "instructor"))
-import make_handout  # noqa: E402
+make_handout = load_script(ROOT / "instructor" / "make_handout.py")
 
 WRONG = [("self.act = [MASK]", "F.gelu"), ("F.softmax(scores, [MASK])", "dim=-2"), ("self.scale = [MASK] if", "1.0"),
          ("eps=[MASK]", "1e-6"), ("hidden_states = [MASK]  # residual", "attn_output"),
@@ -38,7 +39,8 @@ def make_class(directory):
     answers = [s["answer"] for s in key["slots"]]
     correct = make_handout.fill_handout(handout, answers)
     for i in range(20):
-        text = correct if i % 2 else "# my GPT-2\n" + correct.replace("self.act = gelu_new", "self.act  =  gelu_new  # tanh GELU")
+        own_style = "# my GPT-2\n" + correct.replace("self.act = gelu_new", "self.act  =  gelu_new  # tanh GELU")
+        text = correct if i % 2 else own_style
         (directory / f"student_{i:02d}.py").write_text(text)
     for i, (where, fill) in enumerate(WRONG):
         wrong = list(answers)
@@ -63,38 +65,26 @@ def baseline(files, weights, jobs):
     return time.time() - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=2, help="submissions graded at the same time (default: %(default)s)")
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="submissions graded at the same time (default: %(default)s)")
     parser.add_argument("--baseline-sample", type=int, default=4, help="files the baseline runs on (0: skip it)")
-    args, _unknown = parser.parse_known_args()
+    return parser
 
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
     with tempfile.TemporaryDirectory() as tmp:
         subs = Path(tmp) / "class" / "submissions"
         subs.mkdir(parents=True)
         expected = make_class(subs)
-        out = Path(tmp) / "report"
-        print(f"Grading 30 submissions with instructor/grade.py --jobs {args.jobs} on {os.cpu_count()} CPU cores ...", flush=True)
-        start = time.time()
-        result = subprocess.run([sys.executable, str(ROOT / "instructor" / "grade.py"), str(subs), "--out", str(out),
-                                 "--jobs", str(args.jobs)], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        seconds = time.time() - start
-        if result.returncode != 0:
-            print(result.stdout[-2000:], result.stderr[-2000:])
-            sys.exit("grade.py failed")
-        with open(out / "report.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        passed = sum(r["result"] == "PASS" for r in rows)
-        ok = passed == expected and all(r["result"] == "FAIL" for r in rows if not r["student"].startswith("student_"))
-        print(f"grade.py: {seconds:.1f} s wall for 30 submissions ({seconds / 30:.2f} s each); {passed} PASS "
-              f"(expected {expected}: {'right' if ok else 'WRONG'}); target < 180 s: {'met' if seconds < 180 else 'MISSED'}")
-
+        seconds = time_grading(subs, Path(tmp) / "report", expected, args.jobs)
         if args.baseline_sample > 0:
-            sys.path.insert(0, str(ROOT / "instructor"))
-            import grade
-
             weights = Path(tmp) / "weights"
-            grade.load_checker().sensitive_random_gpt2(1, **grade.GRADE_CONFIG).save_pretrained(weights)
+            grade = load_script(ROOT / "instructor" / "grade.py")
+            checker = load_script(ROOT / "Check_gpt2-base.py")
+            checker.sensitive_random_gpt2(1, **grade.GRADE_CONFIG).save_pretrained(weights)
             sample = sorted(subs.glob("student_*.py"))[: args.baseline_sample]
             naive = baseline(sample, weights, args.jobs)
             scaled = naive * 30 / len(sample)
@@ -103,5 +93,27 @@ def main():
             print(f"ratio baseline / grade.py: {scaled / seconds:.1f}x")
 
 
+def time_grading(subs, out, expected, jobs):
+    """Seconds for `grade.py` on the class; prints them, and whether exactly the correct files passed."""
+    print(f"Grading 30 submissions with instructor/grade.py --jobs {jobs} on {os.cpu_count()} CPU cores ...",
+          flush=True)
+    start = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / "instructor" / "grade.py"), str(subs), "--out", str(out),
+                             "--jobs", str(jobs)], capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    seconds = time.time() - start
+    if result.returncode != 0:
+        print(result.stdout[-2000:], result.stderr[-2000:])
+        raise UserError("grade.py failed on the generated class (its output is above): fix it, then bench again.")
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    passed = sum(r["result"] == "PASS" for r in rows)
+    ok = passed == expected and all(r["result"] == "FAIL" for r in rows if not r["student"].startswith("student_"))
+    print(f"grade.py: {seconds:.1f} s wall for 30 submissions ({seconds / 30:.2f} s each); {passed} PASS "
+          f"(expected {expected}: {'right' if ok else 'WRONG'}); "
+          f"target < 180 s: {'met' if seconds < 180 else 'MISSED'}")
+    return seconds
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -84,7 +84,8 @@ class GPT2Attention(nn.Module):
         batch, length, width = hidden_states.shape
         query, key, value = self.c_attn(hidden_states).split(width, dim=2)
         # (batch, length, width) -> (batch, heads, length, head_dim): every head attends on its own.
-        query, key, value = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key, value = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                             for t in (query, key, value))
 
         # The KV cache holds, per layer, the keys and values of all tokens seen so far. When generating,
         # only the new token is fed in; its key and value are appended and it attends to all of them.
@@ -228,7 +229,8 @@ class GPT2Model(GPT2PreTrainedModel):
         **kwargs,
     ):
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
@@ -350,7 +352,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             output = tuple(v for v in output if v is not None)
             return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     @staticmethod
@@ -364,7 +367,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
         logits = logits.float()  # softmax over 50k entries in fp32, also under bf16 autocast
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction=reduction)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return loss

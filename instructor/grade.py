@@ -2,7 +2,8 @@
 
     python instructor/grade.py SUBMISSIONS_DIR
     python instructor/grade.py SUBMISSIONS_DIR --out reports/ --timeout 120 --jobs 2
-    python instructor/grade.py SUBMISSIONS_DIR --key out/handout/answer_key.json --handout out/handout/modeling_gpt2.py
+    python instructor/grade.py SUBMISSIONS_DIR --key out/handout/answer_key.json \
+                                               --handout out/handout/modeling_gpt2.py
 
 SUBMISSIONS_DIR holds one `NAME.py` per student, or one folder per student with a `modeling_gpt2.py` inside
 (entries starting with '.' or '_' are skipped). Without --handout/--key, both are rebuilt from
@@ -11,7 +12,8 @@ gpt2/modeling_gpt2.py and instructor/mask_spec.toml, as make_handout.py does.
 How a submission is graded:
   1. Read as text: a static scan (ast) flags imports a modeling file never needs (os, subprocess, importlib, ...),
      dynamic code (exec, eval, open, __import__), monkeypatching (torch.x = ...) and borrowing transformers' own
-     GPT-2 classes ("not an implementation"); and each [MASK]'s fill is read back by aligning the file with the handout.
+     GPT-2 classes ("not an implementation"); and each [MASK]'s fill is read back by aligning the file with the
+     handout.
   2. Run in its own process (instructor/sandbox_child.py): CPU only, offline, with a time limit, in a scratch
      directory holding a copy of the file, the weights and the inputs; it computes the outputs with
      `run_checks_on` of Check_gpt2-base.py and writes them to a file. Nothing else it prints or returns counts.
@@ -45,10 +47,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, UserError, load_script, parse_args, run_main
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import make_handout  # noqa: E402  (same folder)
+# By its path, so that it is one module however this file was started (a script, or loaded by a test or a bench).
+make_handout = load_script(HERE / "make_handout.py")
 
 CHECKER = ROOT / "Check_gpt2-base.py"
 CHILD = HERE / "sandbox_child.py"
@@ -58,30 +63,14 @@ MAX_SOURCE_BYTES = 1_000_000
 MAX_OUTPUT_BYTES = 100_000_000
 # What a completed handout may import. Anything else (os, sys, subprocess, importlib, ctypes, ...) is flagged.
 ALLOWED_IMPORTS = {"math", "torch", "transformers", "typing", "dataclasses", "functools", "itertools", "collections",
-                   "warnings", "numbers", "numpy", "einops", "abc", "enum", "__future__", "copy", "operator", "logging"}
+                   "warnings", "numbers", "numpy", "einops", "abc", "enum", "__future__", "copy", "operator",
+                   "logging"}
 FORBIDDEN_CALLS = {"exec", "eval", "compile", "__import__", "open", "breakpoint", "exit", "quit", "globals", "input"}
 FORBIDDEN_ATTRS = {"__builtins__", "__globals__", "__code__", "__closure__", "__subclasses__", "f_back", "f_locals",
                    "f_globals", "_getframe", "__loader__", "__spec__"}
 GPT2_NAMES = {"GPT2Model", "GPT2LMHeadModel", "GPT2PreTrainedModel", "GPT2Block", "GPT2Attention", "GPT2MLP",
               "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification",
               "GPT2ForQuestionAnswering", "pipeline"}
-
-
-class GradeError(Exception):
-    """A problem that ends the run with one clear sentence instead of a stack trace."""
-
-
-def load_checker():
-    """Check_gpt2-base.py has a '-' in its name, so it is loaded by path; its checks are the grader's checks."""
-    import importlib.util
-
-    name = "check_gpt2_base"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, CHECKER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,7 +81,8 @@ def find_submissions(directory):
     """[(student, path or None, note)]: one NAME.py per student, or a folder per student with its file inside."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise GradeError(f"no such submissions directory: {directory}")
+        raise UserError(f"no such submissions directory: {directory}; give the folder that holds the students' "
+                        f"files.")
     found = []
     for entry in sorted(directory.iterdir()):
         if entry.name.startswith((".", "_")) or entry.is_symlink():
@@ -105,9 +95,11 @@ def find_submissions(directory):
             if len(files) == 1:
                 found.append((entry.name, files[0], ""))
             else:
-                found.append((entry.name, None, f"{len(files)} candidate .py files in {entry.name}/ (expected one modeling_gpt2.py)"))
+                found.append((entry.name, None,
+                              f"{len(files)} candidate .py files in {entry.name}/ (expected one modeling_gpt2.py)"))
     if not found:
-        raise GradeError(f"no submissions in {directory}: expected one NAME.py per student or one folder per student")
+        raise UserError(f"no submissions in {directory}: put one NAME.py per student, or one folder per student, "
+                        f"in it.")
     return found
 
 
@@ -116,102 +108,134 @@ def find_submissions(directory):
 # ----------------------------------------------------------------------------------------------------------
 
 def static_scan(text):
-    """[(kind, message)], kind "not an implementation" or "forbidden". Code under `if __name__ == "__main__":` never runs here, so it is skipped."""
+    """[(kind, message)], kind "not an implementation" or "forbidden". Code under `if __name__ == "__main__":`
+    never runs here, so it is skipped."""
     try:
         tree = ast.parse(text)
     except SyntaxError as error:
         return [("syntax", f"syntax error on line {error.lineno}: {error.msg}")]
-    findings = []
-    transformers_aliases, module_aliases = set(), {}  # name bound in the file -> the module it stands for
+    scan = StaticScan()
+    scan.visit(tree)
+    return scan.findings
 
-    def add(kind, node, message):
+
+class StaticScan:
+    """Walks a submission's syntax tree, every node before its children, in the file's order: an alias bound by an
+    import is known by the time it is used."""
+
+    def __init__(self):
+        self.findings = []
+        self.transformers_aliases, self.module_aliases = set(), {}  # name bound in the file -> the module it stands for
+
+    def add(self, kind, node, message):
         item = (kind, f"line {getattr(node, 'lineno', '?')}: {message}")
-        if item not in findings:
-            findings.append(item)
+        if item not in self.findings:
+            self.findings.append(item)
 
-    def is_main_guard(node):
-        return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
-                and node.test.left.id == "__name__")
-
-    def dotted(node):
-        parts = []
-        while isinstance(node, ast.Attribute):
-            parts.append(node.attr)
-            node = node.value
-        if isinstance(node, ast.Name):
-            parts.append(node.id)
-            return ".".join(reversed(parts))
-        return None
-
-    def visit(node):
+    def visit(self, node):
         if is_main_guard(node):
-            for child in node.orelse:
-                visit(child)
-            return
+            children = node.orelse
+        else:
+            self.check(node)
+            children = ast.iter_child_nodes(node)
+        for child in children:
+            self.visit(child)
+
+    def check(self, node):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            for module in modules:
-                top = module.split(".")[0]
-                if isinstance(node, ast.ImportFrom) and node.level:
-                    add("forbidden", node, "relative import (a submission is a single file)")
-                elif top == "gpt2":
-                    add("not an implementation", node, f"imports the reference answer ({module})")
-                elif top not in ALLOWED_IMPORTS:
-                    add("forbidden", node, f"imports {module}, which a modeling file does not need")
-                elif module.startswith("transformers.models."):
-                    names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else ["*"]
-                    if ".modeling_" in module or module.count(".") == 2 or isinstance(node, ast.Import):
-                        borrowed = [n for n in names if n not in ("Conv1D", "GPT2Config")]
-                        if borrowed:
-                            add("not an implementation", node, f"imports {', '.join(borrowed)} from {module}")
-            for alias in node.names:
-                bound = alias.asname or alias.name.split(".")[0]
-                if isinstance(node, ast.Import):
-                    module_aliases[bound] = alias.name if alias.asname else alias.name.split(".")[0]
-                    if alias.name.split(".")[0] == "transformers":
-                        transformers_aliases.add(bound)
-                else:
-                    source = node.module or ""
-                    module_aliases[bound] = f"{source}.{alias.name}"
-                    if source.split(".")[0] == "transformers":
-                        if alias.name in GPT2_NAMES or alias.name.startswith("AutoModel") or alias.name == "*":
-                            add("not an implementation", node, f"imports {alias.name} from {source}")
-                        if alias.name == "models":
-                            transformers_aliases.add(bound)
+            self.check_import(node)
         elif isinstance(node, ast.Attribute):
-            name = dotted(node)
-            if node.attr in FORBIDDEN_ATTRS:
-                add("forbidden", node, f"uses .{node.attr} (introspection a modeling file does not need)")
-            if name and name.split(".")[0] in transformers_aliases:
-                rest = name.split(".")[1:]
-                if any(p in GPT2_NAMES or p.startswith("AutoModel") for p in rest) or rest[:2] == ["models", "gpt2"] and rest[2:3] != ["GPT2Config"]:
-                    add("not an implementation", node, f"uses {name}")
+            self.check_attribute(node)
         elif isinstance(node, ast.Name):
             if node.id in FORBIDDEN_ATTRS:
-                add("forbidden", node, f"uses {node.id}")
+                self.add("forbidden", node, f"uses {node.id}")
         elif isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Name) and func.id in FORBIDDEN_CALLS:
-                add("forbidden", node, f"calls {func.id}()")
-            if isinstance(func, ast.Name) and func.id in ("setattr", "delattr", "getattr", "vars") and node.args:
-                target = dotted(node.args[0]) or ""
-                if target.split(".")[0] in module_aliases:
-                    kind = "not an implementation" if target.split(".")[0] in transformers_aliases and func.id == "getattr" else "forbidden"
-                    add(kind, node, f"calls {func.id}() on the module {target} (monkeypatching or a hidden lookup)")
+            self.check_call(node)
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
-            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
-            for target in targets:
-                for sub in ast.walk(target):
-                    if isinstance(sub, (ast.Attribute, ast.Subscript)):
-                        name = dotted(sub.value if isinstance(sub, ast.Subscript) else sub) or ""
-                        if name.split(".")[0] in module_aliases:
-                            add("forbidden", node, f"assigns to {name} (monkeypatching a library)")
-                        break
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+            self.check_assignment(node)
 
-    visit(tree)
-    return findings
+    def check_import(self, node):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        for module in modules:
+            top = module.split(".")[0]
+            if isinstance(node, ast.ImportFrom) and node.level:
+                self.add("forbidden", node, "relative import (a submission is a single file)")
+            elif top == "gpt2":
+                self.add("not an implementation", node, f"imports the reference answer ({module})")
+            elif top not in ALLOWED_IMPORTS:
+                self.add("forbidden", node, f"imports {module}, which a modeling file does not need")
+            elif module.startswith("transformers.models."):
+                names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else ["*"]
+                if ".modeling_" in module or module.count(".") == 2 or isinstance(node, ast.Import):
+                    borrowed = [n for n in names if n not in ("Conv1D", "GPT2Config")]
+                    if borrowed:
+                        self.add("not an implementation", node, f"imports {', '.join(borrowed)} from {module}")
+        for alias in node.names:
+            self.bind(node, alias)
+
+    def bind(self, node, alias):
+        """Remember what the name an import binds stands for."""
+        bound = alias.asname or alias.name.split(".")[0]
+        if isinstance(node, ast.Import):
+            self.module_aliases[bound] = alias.name if alias.asname else alias.name.split(".")[0]
+            if alias.name.split(".")[0] == "transformers":
+                self.transformers_aliases.add(bound)
+            return
+        source = node.module or ""
+        self.module_aliases[bound] = f"{source}.{alias.name}"
+        if source.split(".")[0] == "transformers":
+            if alias.name in GPT2_NAMES or alias.name.startswith("AutoModel") or alias.name == "*":
+                self.add("not an implementation", node, f"imports {alias.name} from {source}")
+            if alias.name == "models":
+                self.transformers_aliases.add(bound)
+
+    def check_attribute(self, node):
+        name = dotted(node)
+        if node.attr in FORBIDDEN_ATTRS:
+            self.add("forbidden", node, f"uses .{node.attr} (introspection a modeling file does not need)")
+        if name and name.split(".")[0] in self.transformers_aliases:
+            rest = name.split(".")[1:]
+            borrows = any(p in GPT2_NAMES or p.startswith("AutoModel") for p in rest)
+            if borrows or rest[:2] == ["models", "gpt2"] and rest[2:3] != ["GPT2Config"]:
+                self.add("not an implementation", node, f"uses {name}")
+
+    def check_call(self, node):
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in FORBIDDEN_CALLS:
+            self.add("forbidden", node, f"calls {func.id}()")
+        if isinstance(func, ast.Name) and func.id in ("setattr", "delattr", "getattr", "vars") and node.args:
+            target = dotted(node.args[0]) or ""
+            if target.split(".")[0] in self.module_aliases:
+                hidden_lookup = target.split(".")[0] in self.transformers_aliases and func.id == "getattr"
+                self.add("not an implementation" if hidden_lookup else "forbidden", node,
+                         f"calls {func.id}() on the module {target} (monkeypatching or a hidden lookup)")
+
+    def check_assignment(self, node):
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+        for target in targets:
+            for sub in ast.walk(target):
+                if isinstance(sub, (ast.Attribute, ast.Subscript)):
+                    name = dotted(sub.value if isinstance(sub, ast.Subscript) else sub) or ""
+                    if name.split(".")[0] in self.module_aliases:
+                        self.add("forbidden", node, f"assigns to {name} (monkeypatching a library)")
+                    break
+
+
+def is_main_guard(node):
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__")
+
+
+def dotted(node):
+    """`a.b.c` for an attribute chain on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
 
 
 def canonical(code):
@@ -245,8 +269,11 @@ def extract_fills(handout_text, submission_text):
     """
     handout_lines = handout_text.splitlines()
     sub_lines = submission_text.splitlines()
-    norm = lambda line: " ".join(line.split())
-    matcher = difflib.SequenceMatcher(None, [norm(l) for l in handout_lines], [norm(l) for l in sub_lines], autojunk=False)
+    def norm(line):
+        return " ".join(line.split())
+
+    matcher = difflib.SequenceMatcher(None, [norm(line) for line in handout_lines], [norm(line) for line in sub_lines],
+                                      autojunk=False)
     expected = {}
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         for k in range(i1, i2):
@@ -270,7 +297,8 @@ def extract_fills(handout_text, submission_text):
 
 
 def vote(fills_by_student, key_answers):
-    """Per slot: the majority answer (ties go to the answer seen first), its votes, how many answered, and whether it is the key's."""
+    """Per slot: the majority answer (ties go to the answer seen first), its votes, how many answered, and whether
+    it is the key's."""
     slots = []
     for index, answer in enumerate(key_answers):
         fills = [f[index] for f in fills_by_student if index < len(f)]
@@ -298,7 +326,8 @@ def vote(fills_by_student, key_answers):
 def child_env(home):
     """A bare environment: CPU only, offline, one thread, home and temp in the grader's scratch area."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(home),
-            "HF_HOME": str(Path(home) / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_HOME": str(Path(home) / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
             "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
@@ -328,8 +357,8 @@ class Sandbox:
         for path in self.forbidden:
             command += ["--forbid", str(path)]
         self.log = open(self.workdir / f"{self.name}.log", "ab")
-        self.process = subprocess.Popen(command, cwd=home, env=child_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log, start_new_session=True)
+        self.process = subprocess.Popen(command, cwd=home, env=child_env(home), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)
         self.buffer, self.ready = b"", False
 
     def stop(self):
@@ -357,8 +386,10 @@ class Sandbox:
         if not self.ready:
             if self.readline(time.time() + self.START_TIMEOUT) != "READY":
                 self.stop()
-                log = (self.workdir / f"{self.name}.log").read_text(errors="replace").strip().splitlines()
-                raise GradeError(f"the sandbox process did not start: {log[-1] if log else 'no message'}")
+                log_file = self.workdir / f"{self.name}.log"
+                log = log_file.read_text(errors="replace").strip().splitlines()
+                raise UserError(f"the sandbox process did not start ({log[-1] if log else 'no message'}): run again "
+                                f"with --keep-workdir and read {log_file}.")
             self.ready = True
 
     def run(self, scratch, log_path, timeout):
@@ -421,7 +452,8 @@ def run_child(sandbox, source_bytes, scratch, master_weights, inputs_file, timeo
 
 
 def clean_outputs(raw, reference):
-    """Keep only what `compare` expects, of the types the reference has: a forged file cannot crash the comparison."""
+    """Keep only what `compare` expects, of the types the reference has: a forged file cannot crash the
+    comparison."""
     import torch
 
     def tensor(value, like):
@@ -446,13 +478,15 @@ def clean_outputs(raw, reference):
         if isinstance(ref, torch.Tensor):
             value = tensor(value, ref)
         elif key == "parameters":
-            ok = isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
-                                                 and isinstance(p[1], list) and all(isinstance(n, int) for n in p[1]) for p in value)
+            ok = isinstance(value, list) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], list)
+                and all(isinstance(n, int) for n in p[1]) for p in value)
             value = [[p[0], list(p[1])] for p in value] if ok else None
         elif isinstance(ref, bool):
             value = value if isinstance(value, bool) else None
         elif isinstance(ref, list):
-            value = [tensor(v, r) for v, r in zip(value, ref)] if isinstance(value, (list, tuple)) and len(value) == len(ref) else None
+            same_length = isinstance(value, (list, tuple)) and len(value) == len(ref)
+            value = [tensor(v, r) for v, r in zip(value, ref)] if same_length else None
             value = value if value is not None and all(v is not None for v in value) else None
         elif isinstance(ref, dict):
             value = {k: tensor(value.get(k), r) for k, r in ref.items()} if isinstance(value, dict) else None
@@ -482,7 +516,7 @@ class Grader:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.check = load_checker()
+        self.check = load_script(CHECKER)  # its checks are the grader's checks
         self.workdir, self.timeout = Path(workdir), timeout
         self.warnings = set()  # said once per run, in the report
         self.weights = self.workdir / "weights"
@@ -498,8 +532,8 @@ class Grader:
         self.check_names = [r["check"] for r in self.check.compare(self.reference, self.reference, self.inputs)]
 
     def grade(self, sandbox, index, student, path, note, handout, key_answers):
-        result = {"student": student, "file": str(path) if path else "", "passed": False, "score": 0.0, "rows": [],
-                  "flags": [], "notes": [], "fills": ["?"] * len(key_answers), "seconds": 0.0}
+        """One submission: read it as text, run it in `sandbox`, compare its outputs here; returns its result."""
+        result = empty_result(student, path, len(key_answers))
         if path is None:
             result["notes"].append(note)
             return result
@@ -507,14 +541,7 @@ class Grader:
         if len(source) > MAX_SOURCE_BYTES:
             result["notes"].append(f"file too large ({len(source)} bytes)")
             return result
-        text = source.decode("utf-8", "replace")
-        result["fills"] = extract_fills(handout, text)
-        result["fills_ok"] = sum(canonical(f) == canonical(a) for f, a in zip(result["fills"], key_answers))
-        for kind, message in static_scan(text):
-            if kind == "syntax":
-                result["notes"].append(message)
-            else:
-                result["flags"].append(f"{kind}: {message}")
+        read_text(result, source.decode("utf-8", "replace"), handout, key_answers)
 
         data, why, result["seconds"], tail = run_child(sandbox, source, self.workdir / f"s{index:03d}", self.weights,
                                                        self.inputs_file, self.timeout)
@@ -527,20 +554,7 @@ class Grader:
                 if line.startswith("SANDBOX: ") and f"cheat: {line[9:]}" not in result["flags"]:
                     result["flags"].append(f"cheat: {line[9:]}")
             return result
-        for violation in strings(harness.get("violations")):
-            result["flags"].append(f"cheat: {violation}")
-        for flag in strings(harness.get("flags")):
-            result["flags"].append(f"not an implementation: {flag}")
-        if harness.get("not_own_classes"):
-            result["flags"].append("not an implementation: uses classes from transformers' models: " + ", ".join(strings(harness["not_own_classes"], 3)))
-        if harness.get("monkeypatched"):
-            result["flags"].append("cheat: monkeypatches " + ", ".join(strings(harness["monkeypatched"], 5)))
-        if harness.get("landlock"):
-            self.warnings.add(f"the kernel sandbox (Landlock) was not applied ({str(harness['landlock'])[:200]}): only the "
-                              "Python-level guards were active, so C code could still write outside its scratch directory")
-        crash = f"{harness.get('import_error') or ''} {harness.get('run_error') or ''}"
-        if "PermissionError" in crash or "Permission denied" in crash:
-            result["flags"].append("cheat: tried to reach files or processes outside its sandbox (refused)")
+        self.read_harness(result, harness)
         if harness.get("import_error"):
             result["notes"].append(str(harness["import_error"])[:300])
             return result
@@ -552,20 +566,63 @@ class Grader:
         except Exception as error:  # a forged or half-written outputs file must not stop the grading of the others
             result["notes"].append(f"outputs could not be compared ({type(error).__name__}: {error})"[:300])
             return result
-        result["rows"] = rows
-        passed = sum(r["passed"] for r in rows)
-        result["score"] = 0.0 if result["flags"] else passed / len(rows)
-        result["passed"] = passed == len(rows) and not result["flags"] and not result["notes"]
-        failed = [r for r in rows if not r["passed"]]
-        if failed:
-            first = failed[0]
-            result["notes"].append(f"{len(failed)} check(s) fail; first: {first['check']}" + (f" ({first['note']})" if first["note"] else ""))
-            result["notes"] += diagnosis(failed, result["fills"], key_answers)
+        score(result, rows, key_answers)
         return result
+
+    def read_harness(self, result, harness):
+        """Flags for what the sandbox saw the submission do."""
+        for violation in strings(harness.get("violations")):
+            result["flags"].append(f"cheat: {violation}")
+        for flag in strings(harness.get("flags")):
+            result["flags"].append(f"not an implementation: {flag}")
+        if harness.get("not_own_classes"):
+            result["flags"].append("not an implementation: uses classes from transformers' models: "
+                                   + ", ".join(strings(harness["not_own_classes"], 3)))
+        if harness.get("monkeypatched"):
+            result["flags"].append("cheat: monkeypatches " + ", ".join(strings(harness["monkeypatched"], 5)))
+        if harness.get("landlock"):
+            self.warnings.add(f"the kernel sandbox (Landlock) was not applied ({str(harness['landlock'])[:200]}): "
+                              "only the Python-level guards were active, so C code could still write outside its "
+                              "scratch directory")
+        crash = f"{harness.get('import_error') or ''} {harness.get('run_error') or ''}"
+        if "PermissionError" in crash or "Permission denied" in crash:
+            result["flags"].append("cheat: tried to reach files or processes outside its sandbox (refused)")
+
+
+def empty_result(student, path, slots):
+    """A submission's result before anything is known: FAIL, score 0, every fill unknown."""
+    return {"student": student, "file": str(path) if path else "", "passed": False, "score": 0.0, "rows": [],
+            "flags": [], "notes": [], "fills": ["?"] * slots, "seconds": 0.0}
+
+
+def read_text(result, text, handout, key_answers):
+    """What the text alone says: each [MASK]'s fill, and the static scan's findings."""
+    result["fills"] = extract_fills(handout, text)
+    result["fills_ok"] = sum(canonical(f) == canonical(a) for f, a in zip(result["fills"], key_answers))
+    for kind, message in static_scan(text):
+        if kind == "syntax":
+            result["notes"].append(message)
+        else:
+            result["flags"].append(f"{kind}: {message}")
+
+
+def score(result, rows, key_answers):
+    """PASS only with every check passed and nothing flagged or noted; a flagged submission scores 0."""
+    result["rows"] = rows
+    passed = sum(r["passed"] for r in rows)
+    result["score"] = 0.0 if result["flags"] else passed / len(rows)
+    result["passed"] = passed == len(rows) and not result["flags"] and not result["notes"]
+    failed = [r for r in rows if not r["passed"]]
+    if failed:
+        first = failed[0]
+        result["notes"].append(f"{len(failed)} check(s) fail; first: {first['check']}"
+                               + (f" ({first['note']})" if first["note"] else ""))
+        result["notes"] += diagnosis(failed, result["fills"], key_answers)
 
 
 def diagnosis(failed_rows, fills, key_answers):
-    """For a failing submission: the first module whose output diverges, and the [MASK] fills that differ from the key."""
+    """For a failing submission: the first module whose output diverges, and the [MASK] fills that differ from the
+    key."""
     notes = []
     for row in failed_rows:
         match = re.search(r"first divergence: ([^;]+)", row["note"])
@@ -575,14 +632,16 @@ def diagnosis(failed_rows, fills, key_answers):
     differ = [f"#{i + 1} `{fill}` (key `{answer}`)" for i, (fill, answer) in enumerate(zip(fills, key_answers))
               if canonical(fill) != canonical(answer)]
     if differ:
-        notes.append("[MASK] fills that differ from the key: " + ", ".join(differ[:6]) + (" ..." if len(differ) > 6 else ""))
+        notes.append("[MASK] fills that differ from the key: " + ", ".join(differ[:6])
+                     + (" ..." if len(differ) > 6 else ""))
     elif fills:
         notes.append("every [MASK] fill equals the key: the mistake is outside the masks")
     return notes
 
 
 def snapshot_tree(directory):
-    """{relative path: (size, mtime)} of everything under a directory, to notice a write that got past the sandbox."""
+    """{relative path: (size, mtime)} of everything under a directory, to notice a write that got past the
+    sandbox."""
     state = {}
     for path in Path(directory).rglob("*"):
         try:
@@ -606,8 +665,8 @@ def write_reports(out_dir, results, check_names, slots, key, meta):
         by_check = {row["check"]: row["passed"] for row in r["rows"]}
         cells = [("PASS" if by_check[c] else "FAIL") if c in by_check else "-" for c in check_names]
         notes = "; ".join(r["flags"] + r["notes"])
-        return [r["student"], "PASS" if r["passed"] else "FAIL", f"{r['score']:.2f}", f"{sum(by_check.values())}/{len(check_names)}",
-                *cells, f"{r.get('fills_ok', 0)}/{len(slots)}", notes]
+        return [r["student"], "PASS" if r["passed"] else "FAIL", f"{r['score']:.2f}",
+                f"{sum(by_check.values())}/{len(check_names)}", *cells, f"{r.get('fills_ok', 0)}/{len(slots)}", notes]
 
     with open(out_dir / "report.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -618,8 +677,9 @@ def write_reports(out_dir, results, check_names, slots, key, meta):
     def md(cell):
         return str(cell).replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"# Task 4 grading report", "", f"{meta['passed']}/{len(results)} submissions pass. Graded {meta['date']} in "
-             f"{meta['seconds']:.0f} s; weights: random GPT-2 at {meta['shape']}, seed drawn for this run (secret).", ""]
+    lines = ["# Task 4 grading report", "",
+             f"{meta['passed']}/{len(results)} submissions pass. Graded {meta['date']} in {meta['seconds']:.0f} s; "
+             f"weights: random GPT-2 at {meta['shape']}, seed drawn for this run (secret).", ""]
     if meta.get("warnings"):
         lines += ["**Warnings:**", ""] + [f"- {md(w)}" for w in meta["warnings"]] + [""]
     lines += ["## Students", "", "| " + " | ".join(md(h) for h in header) + " |", "|" + "---|" * len(header)]
@@ -629,8 +689,8 @@ def write_reports(out_dir, results, check_names, slots, key, meta):
     for s, k in zip(slots, key["slots"]):
         mark = "yes" if s["majority_is_key"] else f"no (key: `{md(s['key'])}`)"
         tie = " (tie)" if s["tie"] else ""
-        lines.append(f"| {s['slot']} | {md(k['section'])} | `{md(k['handout_line'].strip())}` | `{md(s['majority'])}`{tie} | "
-                     f"{s['votes']}/{s['answered']} | {s['unknown']} | {mark} |")
+        lines.append(f"| {s['slot']} | {md(k['section'])} | `{md(k['handout_line'].strip())}` | "
+                     f"`{md(s['majority'])}`{tie} | {s['votes']}/{s['answered']} | {s['unknown']} | {mark} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -641,48 +701,57 @@ def print_summary(results, slots, check_names):
     for r in results:
         passed = sum(row["passed"] for row in r["rows"])
         notes = "; ".join(r["flags"] + r["notes"])
-        print(f"{r['student']:<{width}}  {'PASS' if r['passed'] else 'FAIL':<6}  {r['score']:.2f}   {passed:>2}/{len(check_names)}   {notes[:110]}")
+        result = "PASS" if r["passed"] else "FAIL"
+        print(f"{r['student']:<{width}}  {result:<6}  {r['score']:.2f}   {passed:>2}/{len(check_names)}   "
+              f"{notes[:110]}")
     agree = sum(s["majority_is_key"] for s in slots)
     print(f"\nMajority vote: the class's answer equals the key on {agree}/{len(slots)} [MASK]s.")
     for s in slots:
         if not s["majority_is_key"]:
-            print(f"  [MASK] #{s['slot']}: majority {s['majority']!r} ({s['votes']}/{s['answered']} votes), key {s['key']!r}")
+            print(f"  [MASK] #{s['slot']}: majority {s['majority']!r} ({s['votes']}/{s['answered']} votes), "
+                  f"key {s['key']!r}")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submissions", help="folder with one NAME.py per student, or one folder per student")
-    parser.add_argument("--out", help="where to write report.csv and report.md (default: SUBMISSIONS_report next to it)")
-    parser.add_argument("--handout", help="the handout the students got (default: rebuilt from the reference and the spec)")
+    parser.add_argument("--out", help="where to write report.csv and report.md "
+                                      "(default: SUBMISSIONS_report next to it)")
+    parser.add_argument("--handout", help="the handout the students got "
+                                          "(default: rebuilt from the reference and the spec)")
     parser.add_argument("--key", help="its answer_key.json from make_handout.py (default: rebuilt likewise)")
-    parser.add_argument("--spec", default=str(make_handout.DEFAULT_SPEC), help="mask spec when rebuilding (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per submission before it is killed (default: %(default)s)")
+    parser.add_argument("--spec", default=str(make_handout.DEFAULT_SPEC),
+                        help="mask spec when rebuilding (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds per submission before it is killed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="submissions run at the same time (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None, help="weights/inputs seed (default: a secret one per run; only to reproduce a run)")
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the scratch directories and logs (for debugging)")
-    args, _unknown = parser.parse_known_args(argv)  # a notebook kernel passes arguments of its own
-    return args
+    parser.add_argument("--seed", type=int, default=None,
+                        help="weights/inputs seed (default: a secret one per run; only to reproduce a run)")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the scratch directories and logs (for debugging)")
+    return parser
 
 
 def load_handout_and_key(args):
     if bool(args.handout) != bool(args.key):
-        raise GradeError("give both --handout and --key, or neither (then both are rebuilt from the reference)")
+        raise UserError("give both --handout and --key, or neither (then both are rebuilt from the reference).")
     if args.handout:
         try:
             handout = Path(args.handout).read_bytes().decode("utf-8")
             key = json.loads(Path(args.key).read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise GradeError(f"cannot read the handout or the key: {error}") from None
+            raise UserError(f"cannot read the handout or the key ({error}): give the files make_handout.py "
+                            f"wrote.") from None
         if handout.count(make_handout.MASK) != len(key.get("slots", [])):
-            raise GradeError(f"{args.handout} has {handout.count(make_handout.MASK)} [MASK]s but {args.key} has "
-                             f"{len(key.get('slots', []))} answers: they are not from the same make_handout.py run")
+            raise UserError(f"{args.handout} has {handout.count(make_handout.MASK)} [MASK]s but {args.key} has "
+                            f"{len(key.get('slots', []))} answers: give the two files of one make_handout.py run.")
         return handout, key
     _reference, handout, key = make_handout.make(make_handout.DEFAULT_REFERENCE, args.spec)
     return handout, key
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(build_parser(), argv)
     start = time.time()
     submissions_dir = Path(args.submissions).resolve()
     found = find_submissions(submissions_dir)
@@ -691,10 +760,30 @@ def main(argv=None):
     key_answers = [s["answer"] for s in key["slots"]]
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     # What a submission may not read: the other submissions, the grader (and the key next to it), the reference answer.
-    forbidden = [submissions_dir, out_dir.resolve(), HERE, ROOT / "gpt2"] + ([Path(args.key).resolve().parent] if args.key else [])
+    forbidden = [submissions_dir, out_dir.resolve(), HERE, ROOT / "gpt2"]
+    forbidden += [Path(args.key).resolve().parent] if args.key else []
     before = snapshot_tree(submissions_dir)
-    print(f"Grading {len(found)} submission(s) from {submissions_dir} ({args.jobs} at a time, {args.timeout:.0f} s each) ...", flush=True)
+    print(f"Grading {len(found)} submission(s) from {submissions_dir} ({args.jobs} at a time, {args.timeout:.0f} s "
+          f"each) ...", flush=True)
+    results, grader = grade_all(found, args, forbidden, seed, handout, key_answers)
 
+    warnings = sorted(grader.warnings) + changed_warning(before, snapshot_tree(submissions_dir))
+    slots = vote([r["fills"] for r in results if r["file"]], key_answers)
+    meta = {"passed": sum(r["passed"] for r in results), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "seconds": time.time() - start,
+            "shape": ", ".join(f"{k}={v}" for k, v in GRADE_CONFIG.items() if k.startswith("n_") or k == "vocab_size"),
+            "warnings": warnings}
+    write_reports(out_dir, results, grader.check_names, slots, key, meta)
+    print_summary(results, slots, grader.check_names)
+    for w in warnings:
+        print(f"WARNING: {w}")
+    print(f"\n{meta['passed']}/{len(results)} pass, in {meta['seconds']:.0f} s. Reports: {out_dir / 'report.md'}, "
+          f"{out_dir / 'report.csv'}")
+    return 0
+
+
+def grade_all(found, args, forbidden, seed, handout, key_answers):
+    """Grade every submission, args.jobs at a time, each lane with a sandbox of its own; returns (results, grader)."""
     workdir = Path(tempfile.mkdtemp(prefix="grade-gpt2-"))
     jobs = max(1, args.jobs)
     sandboxes = queue.Queue()
@@ -709,12 +798,11 @@ def main(argv=None):
             sandbox = sandboxes.get()
             try:
                 result = grader.grade(sandbox, index, student, path, note, handout, key_answers)
-            except GradeError:
+            except UserError:
                 raise
             except Exception as error:  # never let one submission stop the others
-                result = {"student": student, "file": str(path), "passed": False, "score": 0.0, "rows": [], "flags": [],
-                          "notes": [f"grader error on this submission: {type(error).__name__}: {error}"[:300]],
-                          "fills": ["?"] * len(key_answers), "seconds": 0.0}
+                result = empty_result(student, path, len(key_answers))
+                result["notes"].append(f"grader error on this submission: {type(error).__name__}: {error}"[:300])
             finally:
                 sandboxes.put(sandbox)
             print(f"  {'PASS' if result['passed'] else 'FAIL'}  {student}  ({result['seconds']:.1f} s)", flush=True)
@@ -729,30 +817,17 @@ def main(argv=None):
             print(f"Scratch directories and logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    return results, grader
 
-    warnings = sorted(grader.warnings)
-    after = snapshot_tree(submissions_dir)
+
+def changed_warning(before, after):
+    """A warning (in a list) if the submissions directory changed while grading, else []."""
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    if changed:
-        warnings.append(f"the submissions directory changed while grading (something got past the sandbox): {', '.join(changed[:5])}")
-    slots = vote([r["fills"] for r in results if r["file"]], key_answers)
-    meta = {"passed": sum(r["passed"] for r in results), "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - start,
-            "shape": ", ".join(f"{k}={v}" for k, v in GRADE_CONFIG.items() if k.startswith("n_") or k == "vocab_size"),
-            "warnings": warnings}
-    write_reports(out_dir, results, grader.check_names, slots, key, meta)
-    print_summary(results, slots, grader.check_names)
-    for w in warnings:
-        print(f"WARNING: {w}")
-    print(f"\n{meta['passed']}/{len(results)} pass, in {meta['seconds']:.0f} s. Reports: {out_dir / 'report.md'}, {out_dir / 'report.csv'}")
-    return 0
+    if not changed:
+        return []
+    return [f"the submissions directory changed while grading (something got past the sandbox): "
+            f"{', '.join(changed[:5])}"]
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (GradeError, make_handout.HandoutError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -27,12 +27,20 @@ instructor/README.md for what they cannot stop):
 """
 
 import builtins
-import importlib.util
+import ctypes
 import math
 import os
 import resource
+import struct
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from course_utils import ArgumentParser, load_script, parse_args, run_main
+
+# And off sys.path again at once: the student's code must find only what `python -I` puts there, as it always did.
+# (The checker's own `from course_utils import ...` is answered from sys.modules.)
+del sys.path[0]
 
 # Where a refused action is reported at once, even if the student's code later kills this process.
 STDERR_FD = 2
@@ -40,18 +48,15 @@ MAX_FILE_BYTES = 256 * 1024 * 1024  # nothing this process writes needs more; a 
 GPT2_CLASSES = ("GPT2Model", "GPT2LMHeadModel", "GPT2PreTrainedModel", "GPT2Block", "GPT2Attention", "GPT2MLP",
                 "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification",
                 "GPT2ForQuestionAnswering")
+# Landlock (linux/landlock.h): its system calls (the same numbers on x86_64 and arm64) and some access rights.
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, TRUNCATE = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 14
+READ_FILE_RIGHTS = EXECUTE | READ_FILE
+READ_RIGHTS = READ_FILE_RIGHTS | READ_DIR
 
 
 def say(message):
     os.write(STDERR_FD, (message + "\n").encode("utf-8", "replace"))
-
-
-def load_checker(path):
-    spec = importlib.util.spec_from_file_location("grader_check_gpt2_base", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def snapshot(namespaces):
@@ -101,38 +106,9 @@ def guard_transformers_gpt2(flags):
 
 def install_audit_hook(scratch, forbidden, violations):
     """Refuse and record what a modeling file has no business doing. Returns nothing; hooks cannot be removed."""
-    scratch = os.path.realpath(scratch)
-    forbidden = [os.path.realpath(p) for p in forbidden]
+    check_read, check_write, refuse = path_guards(scratch, forbidden, violations)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     busy = [False]
-
-    def inside(path, root):
-        return path == root or path.startswith(root + os.sep)
-
-    def resolve(path):
-        if isinstance(path, int):
-            return None
-        try:
-            path = os.fsdecode(os.fspath(path))
-        except TypeError:
-            return None
-        return os.path.realpath(os.path.join(os.getcwd(), path))
-
-    def refuse(what):
-        if what not in violations:
-            violations.append(what)
-            say(f"SANDBOX: {what}")
-        raise PermissionError(f"refused by the grader's sandbox: {what}")
-
-    def check_write(path, event):
-        resolved = resolve(path)
-        if resolved is not None and not inside(resolved, scratch) and resolved != os.devnull:
-            refuse(f"{event} outside its scratch directory: {resolved}")
-
-    def check_read(path, event):
-        resolved = resolve(path)
-        if resolved is not None and not inside(resolved, scratch) and any(inside(resolved, root) for root in forbidden):
-            refuse(f"{event} a grader-only path: {resolved}")
 
     def hook(event, args):
         if busy[0]:
@@ -174,6 +150,43 @@ def install_audit_hook(scratch, forbidden, violations):
     sys.addaudithook(hook)
 
 
+def path_guards(scratch, forbidden, violations):
+    """The audit hook's (check_read, check_write, refuse): closures, like the hook itself, so that nothing the
+    student's code can reach through this module's globals changes what they allow."""
+    scratch = os.path.realpath(scratch)
+    forbidden = [os.path.realpath(p) for p in forbidden]
+
+    def inside(path, root):
+        return path == root or path.startswith(root + os.sep)
+
+    def resolve(path):
+        if isinstance(path, int):
+            return None
+        try:
+            path = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return None
+        return os.path.realpath(os.path.join(os.getcwd(), path))
+
+    def refuse(what):
+        if what not in violations:
+            violations.append(what)
+            say(f"SANDBOX: {what}")
+        raise PermissionError(f"refused by the grader's sandbox: {what}")
+
+    def check_write(path, event):
+        resolved = resolve(path)
+        if resolved is not None and not inside(resolved, scratch) and resolved != os.devnull:
+            refuse(f"{event} outside its scratch directory: {resolved}")
+
+    def check_read(path, event):
+        resolved = resolve(path)
+        if resolved is not None and not inside(resolved, scratch) and any(inside(resolved, root) for root in forbidden):
+            refuse(f"{event} a grader-only path: {resolved}")
+
+    return check_read, check_write, refuse
+
+
 def landlock(scratch, forbidden):
     """Kernel-enforced sandbox (Linux Landlock, no privileges needed): returns "" when applied, else why not.
 
@@ -182,23 +195,40 @@ def landlock(scratch, forbidden):
     TCP connection and send no signal to a process outside the sandbox (the server, the grader). C code is bound
     too: a write through torch.save's C++ writer is refused as surely as Python's open().
     """
-    import ctypes
-    import struct
-
     if not sys.platform.startswith("linux"):
         return "not Linux"
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    create, add_rule, restrict = 444, 445, 446  # the same numbers on x86_64 and arm64
-    abi = libc.syscall(create, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     if abi < 1:
         return f"Landlock is not available here ({os.strerror(ctypes.get_errno())})"
-    read_file_rights = (1 << 0) | (1 << 2)                  # EXECUTE, READ_FILE
-    read_rights = read_file_rights | (1 << 3)               # + READ_DIR
-    all_rights = (1 << 13) - 1                              # ABI 1: bits 0..12
-    all_rights |= (1 << 13) if abi >= 2 else 0              # REFER
-    all_rights |= (1 << 14) if abi >= 3 else 0              # TRUNCATE
-    all_rights |= (1 << 15) if abi >= 5 else 0              # IOCTL_DEV
+    all_rights = landlock_rights(abi)
+    ruleset, why_not = landlock_ruleset(libc, abi, all_rights)
+    if ruleset < 0:
+        return why_not
+    for path in readable_dirs(forbidden):
+        landlock_allow(libc, ruleset, abi, path, READ_RIGHTS)
+    landlock_allow(libc, ruleset, abi, os.devnull, READ_FILE_RIGHTS | WRITE_FILE)
+    landlock_allow(libc, ruleset, abi, str(scratch), all_rights)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required by landlock_restrict_self
+        return "prctl(PR_SET_NO_NEW_PRIVS) failed"
+    if libc.syscall(LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+        return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+    os.close(ruleset)
+    return ""
+
+
+def landlock_rights(abi):
+    """Every file-system right this kernel's Landlock ABI knows: the ruleset denies each one it does not allow."""
+    rights = (1 << 13) - 1                           # ABI 1: bits 0..12
+    rights |= (1 << 13) if abi >= 2 else 0           # REFER
+    rights |= TRUNCATE if abi >= 3 else 0
+    rights |= (1 << 15) if abi >= 5 else 0           # IOCTL_DEV
+    return rights
+
+
+def landlock_ruleset(libc, abi, all_rights):
+    """(file descriptor of a new ruleset that handles `all_rights`, "") or (a negative number, why not)."""
     if abi >= 6:  # deny TCP, and scope signals and abstract unix sockets to the sandbox itself
         attr = struct.pack("QQQ", all_rights, 0b11, 0b11)
     elif abi >= 4:
@@ -206,48 +236,49 @@ def landlock(scratch, forbidden):
     else:
         attr = struct.pack("Q", all_rights)
     buffer = ctypes.create_string_buffer(attr, len(attr))
-    ruleset = libc.syscall(create, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    ruleset = libc.syscall(LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
-        return f"Landlock ruleset refused ({os.strerror(ctypes.get_errno())})"
+        return ruleset, f"Landlock ruleset refused ({os.strerror(ctypes.get_errno())})"
+    return ruleset, ""
 
-    def allow(path, rights):
-        try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            if not os.path.isdir(path):
-                rights &= read_file_rights | (1 << 1) | ((1 << 14) if abi >= 3 else 0)  # file rules take file rights only
-            rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd), 12)
-            if libc.syscall(add_rule, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0)) < 0:
-                say(f"SANDBOX-NOTE: Landlock rule for {path} refused ({os.strerror(ctypes.get_errno())})")
-        finally:
-            os.close(fd)
 
+def readable_dirs(forbidden):
+    """The real paths the sandbox may read below: the Python install, the system's directories and sys.path's,
+    except any that contains a forbidden one."""
     forbidden = [os.path.realpath(p) for p in forbidden]
     readable = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
                 "/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", "/proc", "/sys", "/dev", "/opt", "/nix"}
     readable |= {p for p in sys.path if p and os.path.isdir(p)}
+    dirs = []
     for path in sorted(readable):
         real = os.path.realpath(path)
         if any(root == real or root.startswith(real.rstrip(os.sep) + os.sep) for root in forbidden):
             continue  # never open up a directory that contains what a submission may not read
-        allow(real, read_rights)
-    allow(os.devnull, read_file_rights | (1 << 1))
-    allow(str(scratch), all_rights)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required by landlock_restrict_self
-        return "prctl(PR_SET_NO_NEW_PRIVS) failed"
-    if libc.syscall(restrict, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-        return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
-    os.close(ruleset)
-    return ""
+        dirs.append(real)
+    return dirs
+
+
+def landlock_allow(libc, ruleset, abi, path, rights):
+    """A rule of the ruleset: `rights` beneath `path` (a path that cannot be opened is skipped)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not os.path.isdir(path):
+            rights &= READ_FILE_RIGHTS | WRITE_FILE | (TRUNCATE if abi >= 3 else 0)  # file rules take file rights only
+        rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd), 12)
+        if libc.syscall(LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0)) < 0:
+            say(f"SANDBOX-NOTE: Landlock rule for {path} refused ({os.strerror(ctypes.get_errno())})")
+    finally:
+        os.close(fd)
 
 
 def prepare():
     """Import (and warm up) everything a run needs, once, in the server: the children inherit it by fork."""
     import torch
     import transformers
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel  # noqa: F401  (transformers imports it lazily: here, once, in the server)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -257,7 +288,8 @@ def prepare():
 
 
 def warm_up(check, torch, workdir):
-    """One run of the checks on transformers' GPT-2 at a toy size, so that the lazy imports happen here, not per child."""
+    """One run of the checks on transformers' GPT-2 at a toy size, so that the lazy imports happen here, not per
+    child."""
     import tempfile
 
     from transformers import GPT2LMHeadModel
@@ -276,6 +308,60 @@ def run_one(scratch, log_file, check, forbidden):
     import transformers
     from transformers import GenerationMixin, PreTrainedModel
 
+    scratch = isolate(scratch, log_file)
+    run_checks_on, torch_save, torch_load = check.run_checks_on, torch.save, torch.load
+    inputs = torch_load(scratch / "inputs.pt", weights_only=True)
+    harness = {"import_error": None, "run_error": None, "violations": [], "flags": [], "monkeypatched": [],
+               "not_own_classes": []}
+    guard_transformers_gpt2(harness["flags"])
+    before = snapshot({"torch": torch, "torch.Tensor": torch.Tensor, "torch.nn.functional": F,
+                       "torch.nn.Module": torch.nn.Module, "torch.testing": torch.testing, "torch.nn": torch.nn,
+                       "math": math, "builtins": builtins, "checker": check, "PreTrainedModel": PreTrainedModel,
+                       "GenerationMixin": GenerationMixin, "transformers": transformers})
+    try:
+        harness["landlock"] = landlock(scratch, forbidden) or None
+    except Exception as error:  # never lose the run over the sandbox's own setup; the grader reports it
+        harness["landlock"] = f"{type(error).__name__}: {error}"
+    install_audit_hook(scratch, forbidden, harness["violations"])
+
+    outputs = {}
+    try:
+        module = check.load_module(scratch / "modeling_gpt2.py")
+    except check.UserError as error:  # the checker's own sentence: a [MASK] left, no GPT2LMHeadModel, ...
+        harness["import_error"] = str(error).replace(str(scratch) + os.sep, "")
+        module = None
+    except BaseException as error:  # SystemExit, KeyboardInterrupt, ...: an import must not end the process
+        harness["import_error"] = f"the file stops the process while importing ({type(error).__name__}: {error})"[:300]
+        module = None
+
+    if module is not None:
+        # The classes that do the work must be the submission's own, not transformers' GPT-2 re-exported.
+        model_class = getattr(module, "GPT2LMHeadModel", None)
+        for cls in getattr(model_class, "__mro__", ()):
+            if cls.__module__.startswith("transformers.models.") or (
+                    cls.__name__.startswith("GPT2") and cls.__module__ != module.__name__):
+                harness["not_own_classes"].append(f"{cls.__module__}.{cls.__name__}")
+        for name, value in list(vars(module).items()):
+            if (isinstance(value, type) and value.__module__.startswith("transformers.models.")
+                    and ".modeling_" in value.__module__):
+                harness["not_own_classes"].append(f"{name} = {value.__module__}.{value.__name__}")
+        try:
+            outputs = run_checks_on(model_class, str(scratch / "weights"), inputs, "cpu")
+        except BaseException as error:
+            harness["run_error"] = f"{type(error).__name__}: {error}"[:300]
+
+    harness["monkeypatched"] = changed_since(before)
+    try:
+        torch_save({"outputs": outputs, "harness": harness}, scratch / "outputs.tmp")
+        os.replace(scratch / "outputs.tmp", scratch / "outputs.pt")
+    except BaseException as error:
+        say(f"SANDBOX: could not save the outputs: {type(error).__name__}: {error}")
+        os._exit(3)
+    os._exit(0)  # not sys.exit: atexit handlers and threads the student left behind must not run after this
+
+
+def isolate(scratch, log_file):
+    """Cut the forked child loose from the server; returns SCRATCH, resolved, now its working directory."""
     os.setsid()  # its own session and process group: the grader's timeout kills exactly this group
     devnull = os.open(os.devnull, os.O_RDONLY)
     log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -294,60 +380,13 @@ def run_one(scratch, log_file, check, forbidden):
     # No core dumps, no runaway files (the hard limits cannot be raised again by the student's code).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-
-    run_checks_on, torch_save, torch_load = check.run_checks_on, torch.save, torch.load
-    inputs = torch_load(scratch / "inputs.pt", weights_only=True)
-    harness = {"import_error": None, "run_error": None, "violations": [], "flags": [], "monkeypatched": [],
-               "not_own_classes": []}
-    guard_transformers_gpt2(harness["flags"])
-    before = snapshot({"torch": torch, "torch.Tensor": torch.Tensor, "torch.nn.functional": F, "torch.nn.Module": torch.nn.Module,
-                       "torch.testing": torch.testing, "torch.nn": torch.nn, "math": math, "builtins": builtins,
-                       "checker": check, "PreTrainedModel": PreTrainedModel, "GenerationMixin": GenerationMixin,
-                       "transformers": transformers})
-    try:
-        harness["landlock"] = landlock(scratch, forbidden) or None
-    except Exception as error:  # never lose the run over the sandbox's own setup; the grader reports it
-        harness["landlock"] = f"{type(error).__name__}: {error}"
-    install_audit_hook(scratch, forbidden, harness["violations"])
-
-    outputs = {}
-    try:
-        module = check.load_module(scratch / "modeling_gpt2.py")
-    except check.CheckError as error:
-        harness["import_error"] = str(error).replace(str(scratch) + os.sep, "")
-        module = None
-    except BaseException as error:  # SystemExit, KeyboardInterrupt, ...: an import must not end the process
-        harness["import_error"] = f"the file stops the process while importing ({type(error).__name__}: {error})"[:300]
-        module = None
-
-    if module is not None:
-        # The classes that do the work must be the submission's own, not transformers' GPT-2 re-exported.
-        model_class = getattr(module, "GPT2LMHeadModel", None)
-        for cls in getattr(model_class, "__mro__", ()):
-            if cls.__module__.startswith("transformers.models.") or (cls.__name__.startswith("GPT2") and cls.__module__ != module.__name__):
-                harness["not_own_classes"].append(f"{cls.__module__}.{cls.__name__}")
-        for name, value in list(vars(module).items()):
-            if isinstance(value, type) and value.__module__.startswith("transformers.models.") and ".modeling_" in value.__module__:
-                harness["not_own_classes"].append(f"{name} = {value.__module__}.{value.__name__}")
-        try:
-            outputs = run_checks_on(model_class, str(scratch / "weights"), inputs, "cpu")
-        except BaseException as error:
-            harness["run_error"] = f"{type(error).__name__}: {error}"[:300]
-
-    harness["monkeypatched"] = changed_since(before)
-    try:
-        torch_save({"outputs": outputs, "harness": harness}, scratch / "outputs.tmp")
-        os.replace(scratch / "outputs.tmp", scratch / "outputs.pt")
-    except BaseException as error:
-        say(f"SANDBOX: could not save the outputs: {type(error).__name__}: {error}")
-        os._exit(3)
-    os._exit(0)  # not sys.exit: atexit handlers and threads the student left behind must not run after this
+    return scratch
 
 
 def serve(checker_path, forbidden):
     """The fork server: one request per stdin line, answered on stdout; the student's code never runs here."""
     torch, _transformers = prepare()
-    check = load_checker(checker_path)
+    check = load_script(checker_path, "grader_check_gpt2_base")
     warm_up(check, torch, os.environ.get("TMPDIR") or None)
     answer = sys.stdout
     answer.write("READY\n")
@@ -371,14 +410,19 @@ def serve(checker_path, forbidden):
     return 0
 
 
-def main():
-    args = sys.argv[1:]
-    if len(args) < 2 or args[0] != "--serve":
-        print("usage: sandbox_child.py --serve CHECKER [--forbid DIR ...] (started by instructor/grade.py)", file=sys.stderr)
-        return 2
-    forbidden = [args[i + 1] for i in range(2, len(args) - 1) if args[i] == "--forbid"]
-    return serve(args[1], forbidden)
+def build_parser():
+    parser = ArgumentParser(description="The sandbox of instructor/grade.py, which starts it (not run by hand).")
+    parser.add_argument("--serve", metavar="CHECKER", required=True,
+                        help="Check_gpt2-base.py, whose run_checks_on computes a submission's outputs")
+    parser.add_argument("--forbid", metavar="DIR", action="append", default=[],
+                        help="a directory the submissions may not read (repeatable)")
+    return parser
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    return serve(args.serve, args.forbid)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,7 +1,6 @@
 """The checker passes the reference and correct rewrites by a wide margin, and fails every single-point mistake a
 student (or a careful imitator) can make, inside and outside the handout's masks, by a wide margin too."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -9,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from gpt2_helpers import MODELING, ROOT, TINY, load_checker
+from course_utils import UserError, load_script
+from gpt2_helpers import CHECKER, MODELING, ROOT, TINY
 
-check = load_checker()
+check = load_script(CHECKER)
 N_ROWS = 15  # checks per weight set
 MARGIN = 10  # a wrong file fails some check by >= 10x its tolerance; a correct one stays under 1/10 everywhere
 
@@ -26,7 +26,8 @@ def one_thread():
 
 # (name, text in the reference, its mistaken replacement, the module the checker must blame first or None)
 MUTANTS = [
-    ("exact GELU instead of tanh GELU", "return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))",
+    ("exact GELU instead of tanh GELU",
+     "return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))",
      "return F.gelu(x)", "block 0 MLP"),
     ("ReLU", "self.act = gelu_new", "self.act = F.relu", "block 0 MLP"),
     ("no 1/sqrt(d) scale", "self.scale = self.head_dim**-0.5 if", "self.scale = 1.0 if", "block 0 attention"),
@@ -38,21 +39,34 @@ MUTANTS = [
     ("mask off by one", "mask = (key_pos <= query_pos)", "mask = (key_pos < query_pos)", None),
     ("no causal mask", "mask = (key_pos <= query_pos)", "mask = (key_pos >= 0)", None),
     ("padding ignored", "mask = mask & attention_mask.bool().view(batch, 1, 1, total)", "mask = mask", None),
-    ("positions off by one", "position_ids = torch.arange(past_length, past_length + length,", "position_ids = torch.arange(past_length + 1, past_length + length + 1,", "embeddings"),
-    ("positions ignore the cache", "position_ids = torch.arange(past_length, past_length + length,", "position_ids = torch.arange(0, length,", None),
-    ("no attention residual", "hidden_states = hidden_states + attn_output  # residual", "hidden_states = attn_output  # residual", "block 0 ln_2"),
-    ("no MLP residual", "hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))", "hidden_states = self.mlp(self.ln_2(hidden_states))", None),
-    ("ln_1 reused before the MLP", "self.mlp(self.ln_2(hidden_states))", "self.mlp(self.ln_1(hidden_states))", "block 0 ln_2"),
-    ("heads merged without transpose", "output = output.transpose(1, 2).reshape(batch, length, width)", "output = output.reshape(batch, length, width)", "block 0 attention"),
-    ("q and k swapped", "query, key, value = self.c_attn(hidden_states).split(width, dim=2)", "key, query, value = self.c_attn(hidden_states).split(width, dim=2)", "block 0 attention"),
-    ("softmax over the wrong axis", "weights = F.softmax(scores, dim=-1)", "weights = F.softmax(scores, dim=-2)", "block 0 attention"),
+    ("positions off by one", "position_ids = torch.arange(past_length, past_length + length,",
+     "position_ids = torch.arange(past_length + 1, past_length + length + 1,", "embeddings"),
+    ("positions ignore the cache", "position_ids = torch.arange(past_length, past_length + length,",
+     "position_ids = torch.arange(0, length,", None),
+    ("no attention residual", "hidden_states = hidden_states + attn_output  # residual",
+     "hidden_states = attn_output  # residual", "block 0 ln_2"),
+    ("no MLP residual", "hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))",
+     "hidden_states = self.mlp(self.ln_2(hidden_states))", None),
+    ("ln_1 reused before the MLP", "self.mlp(self.ln_2(hidden_states))", "self.mlp(self.ln_1(hidden_states))",
+     "block 0 ln_2"),
+    ("heads merged without transpose", "output = output.transpose(1, 2).reshape(batch, length, width)",
+     "output = output.reshape(batch, length, width)", "block 0 attention"),
+    ("q and k swapped", "query, key, value = self.c_attn(hidden_states).split(width, dim=2)",
+     "key, query, value = self.c_attn(hidden_states).split(width, dim=2)", "block 0 attention"),
+    ("softmax over the wrong axis", "weights = F.softmax(scores, dim=-1)", "weights = F.softmax(scores, dim=-2)",
+     "block 0 attention"),
     ("no final LayerNorm", "hidden_states = self.ln_f(hidden_states)", "hidden_states = hidden_states", "final norm"),
-    ("no position embedding", "hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))", "hidden_states = self.drop(inputs_embeds)", "embeddings"),
-    ("loss without the shift", "shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]", "shift_labels = labels", None),
-    ("untied head", '_tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}', "_tied_weights_keys = {}", None),
+    ("no position embedding", "hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))",
+     "hidden_states = self.drop(inputs_embeds)", "embeddings"),
+    ("loss without the shift", "shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]", "shift_labels = labels",
+     None),
+    ("untied head", '_tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}', "_tied_weights_keys = {}",
+     None),
     ("SDPA without the causal flag", "is_causal=attention_mask is None and length > 1", "is_causal=False", None),
-    ("SDPA ignores the mask", "query, key, value, attn_mask=attention_mask,", "query, key, value, attn_mask=None,", None),
-    ("cache not used", "key, value = cache.update(key, value, self.layer_idx)", "cache.update(key, value, self.layer_idx)", None),
+    ("SDPA ignores the mask", "query, key, value, attn_mask=attention_mask,", "query, key, value, attn_mask=None,",
+     None),
+    ("cache not used", "key, value = cache.update(key, value, self.layer_idx)",
+     "cache.update(key, value, self.layer_idx)", None),
 ]
 
 
@@ -335,7 +349,8 @@ def test_the_issues_examples_on_the_exact_standard_init_model(tmp_path):
     reference = check.run_checks_on(GPT2LMHeadModel, directory, inputs)
     weight_set = (directory, dict(inputs, teacher=reference["teacher_inputs"]), reference)
     wrong = dict(WRONG_VARIANTS)
-    issue = ("exact GELU (F.gelu)", "GELU constant 0.0447", "MLP without its dropout", "attention without resid_dropout")
+    issue = ("exact GELU (F.gelu)", "GELU constant 0.0447", "MLP without its dropout",
+             "attention without resid_dropout")
     for name in issue:
         ratio, row, _rows = worst_ratio(apply(wrong[name]), tmp_path, weight_set)
         assert ratio >= MARGIN, (name, row, ratio)
@@ -372,14 +387,15 @@ def test_masked_handout_is_rejected_with_the_line(tmp_path):
     number = next(i for i, line in enumerate(lines) if "self.act = gelu_new" in line)
     lines[number] = lines[number].replace("gelu_new", "[MASK]")
     masked.write_text("\n".join(lines))
-    with pytest.raises(check.CheckError, match=f"line {number + 1}"):
+    with pytest.raises(UserError, match=f"line {number + 1}"):
         check.load_module(masked)
 
 
 def _run_cli(*args, env_extra=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # no PYTHONPATH: the script finds course_utils next to itself
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, str(ROOT / "Check_gpt2-base.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run([sys.executable, str(CHECKER), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
 
 
 def test_cli_passes_reference_and_writes_json(tmp_path, tiny_setup):
@@ -405,12 +421,15 @@ def test_cli_fails_a_broken_file_with_exit_1_and_names_the_module(tmp_path, tiny
 def test_cli_clear_errors(tmp_path):
     missing = _run_cli("--file", str(tmp_path / "nope.py"))
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("Error: ")
     bad_dir = _run_cli("--model", str(tmp_path / "no" / "such" / "dir"))
     assert bad_dir.returncode == 2 and "no such model directory" in bad_dir.stderr
     syntax = tmp_path / "modeling_gpt2.py"
     syntax.write_text("class GPT2LMHeadModel(:\n")
     result = _run_cli("--file", str(syntax))
     assert result.returncode == 2 and "does not import" in result.stderr and "Traceback" not in result.stderr
+    typo = _run_cli("--jsn", "out.json")  # a typo is an error, not silently ignored
+    assert typo.returncode == 2 and typo.stderr.startswith("Error: unrecognized arguments: --jsn out.json")
 
 
 def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
@@ -428,7 +447,8 @@ def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(check, "sensitive_random_gpt2", tiny_random)
     directory, description, real = check.prepare_weights(str(check.DEFAULT_MODEL), tmp_path, default_used=True)
     printed = capsys.readouterr().out
-    assert "no network" in printed and "random weights at GPT-2 124M's shape" in printed and "model/gpt2-base" in printed
+    assert "no network" in printed and "random weights at GPT-2 124M's shape" in printed
+    assert "model/gpt2-base" in printed
     assert real is False and "random weights" in description
     assert calls == [(0, {})]  # the defaults: GPT-2 124M, fixed seed
     assert (directory / "config.json").is_file()

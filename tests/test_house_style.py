@@ -42,7 +42,8 @@ def test_help_uses_the_shared_vocabulary(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_an_unknown_option_is_one_error_line_with_exit_2(script):
-    positional = ["SRC", "OUT"] if script == "convert_chatglm2.py" else []  # else argparse asks for these first
+    # the required positionals, else argparse asks for these first
+    positional = {"convert_chatglm2.py": ["SRC", "OUT"], "instructor/grade.py": ["SUBMISSIONS"]}.get(script, [])
     result = run(script, *positional, "--no-such-option")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith("Error: unrecognized arguments: --no-such-option"), result.stderr[-2000:]

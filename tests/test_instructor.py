@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
-from gpt2_helpers import MODELING, ROOT
+from course_utils import UserError, load_script
+from gpt2_helpers import CHECKER, MODELING, ROOT
 
-sys.path.insert(0, str(ROOT / "instructor"))
-import grade  # noqa: E402
-import make_handout  # noqa: E402
+INSTRUCTOR = ROOT / "instructor"
+grade = load_script(INSTRUCTOR / "grade.py")
+make_handout = load_script(INSTRUCTOR / "make_handout.py")  # the very module grade.py uses
 
 GRADE_TIMEOUT = 20  # seconds per submission in the test run: the hanging one costs exactly this
 N_ROWS = 15  # checks per submission
@@ -35,7 +36,8 @@ def made():
 
 
 def filled(made, **wrong):
-    """The handout filled with the key, except slots whose handout line contains a given text: those get a wrong fill."""
+    """The handout filled with the key, except slots whose handout line contains a given text: those get a wrong
+    fill."""
     _reference, handout, key = made
     answers = [s["answer"] for s in key["slots"]]
     for where, fill in wrong.values():
@@ -69,18 +71,18 @@ def test_a_completed_handout_that_keeps_the_note_reads_back_and_loads(made, tmp_
     _reference, handout, key = made
     answers = [s["answer"] for s in key["slots"]]
     completed = make_handout.HANDOUT_NOTE + make_handout.fill_handout(handout, answers)  # what a student hands in
-    assert [grade.canonical(f) for f in grade.extract_fills(handout, completed)] == [grade.canonical(a) for a in answers]
+    fills = grade.extract_fills(handout, completed)
+    assert [grade.canonical(f) for f in fills] == [grade.canonical(a) for a in answers]
     path = tmp_path / "modeling_gpt2.py"
     path.write_text(completed)
-    from gpt2_helpers import load_checker
-
-    assert hasattr(load_checker().load_module(path), "GPT2LMHeadModel")  # no [MASK] left: the note has none
+    assert hasattr(load_script(CHECKER).load_module(path), "GPT2LMHeadModel")  # no [MASK] left: the note has none
 
 
 def test_round_trip_is_byte_exact_with_crlf_and_no_final_newline(tmp_path):
     reference = "class A:\r\n    x = f(1, 2)  # one\r\n    y = g(x)\r\n\r\ndef h():\r\n    return g(3)"
     spec = tmp_path / "spec.toml"
-    spec.write_text('[[mask]]\nin = "A"\nfind = "x = f(1, 2)"\nmask = "1, 2"\n[[mask]]\nfind = "return g(3)"\nmask = "g"\n'
+    spec.write_text('[[mask]]\nin = "A"\nfind = "x = f(1, 2)"\nmask = "1, 2"\n'
+                    '[[mask]]\nfind = "return g(3)"\nmask = "g"\n'
                     '[[mask]]\nin = "A"\nfind = "g(x)"\n')
     handout, slots = make_handout.build_handout(reference, make_handout.load_spec(spec))
     assert handout == "class A:\r\n    x = f([MASK])  # one\r\n    y = [MASK]\r\n\r\ndef h():\r\n    return [MASK](3)"
@@ -96,16 +98,21 @@ def test_round_trip_is_byte_exact_with_crlf_and_no_final_newline(tmp_path):
 ])
 def test_spec_entry_that_does_not_match_exactly_once_is_a_clear_error(tmp_path, entry, message):
     spec = tmp_path / "spec.toml"
-    spec.write_text(f'[[mask]]\nfind = "self.act = gelu_new"\nmask = "gelu_new"\n\n[[mask]]\nsection = "MLP"\n{entry}\n')
-    with pytest.raises(make_handout.HandoutError, match="entry #2") as error:
+    spec.write_text('[[mask]]\nfind = "self.act = gelu_new"\nmask = "gelu_new"\n\n'
+                    f'[[mask]]\nsection = "MLP"\n{entry}\n')
+    with pytest.raises(UserError, match="entry #2") as error:
         make_handout.make(MODELING, spec)
     assert message in str(error.value)
 
 
+def make_handout_cli(*args):
+    return subprocess.run([sys.executable, str(INSTRUCTOR / "make_handout.py"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
 def test_cli_writes_handout_and_key_and_fails_cleanly(tmp_path):
     out = tmp_path / "handout"
-    result = subprocess.run([sys.executable, str(ROOT / "instructor" / "make_handout.py"), "--out-dir", str(out), "-f", "kernel.json"],
-                            capture_output=True, text=True, timeout=60)
+    result = make_handout_cli("--out", str(out), "-f", "kernel.json")
     assert result.returncode == 0, result.stderr
     key = json.loads((out / "answer_key.json").read_text())
     handout = (out / "modeling_gpt2.py").read_bytes().decode()
@@ -113,9 +120,19 @@ def test_cli_writes_handout_and_key_and_fails_cleanly(tmp_path):
     assert "| 10 |" in (out / "answer_key.md").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text('[[mask]]\nfind = "no such code"\n')
-    result = subprocess.run([sys.executable, str(ROOT / "instructor" / "make_handout.py"), "--spec", str(bad), "--out-dir", str(out)],
-                            capture_output=True, text=True, timeout=60)
+    result = make_handout_cli("--spec", str(bad), "--out", str(out))
     assert result.returncode == 2 and "mask entry #1" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: ")
+
+
+def test_cli_old_option_name_still_works_but_is_not_listed(tmp_path):
+    result = make_handout_cli("--out-dir", str(tmp_path / "old"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "old" / "answer_key.json").is_file()
+    usage = make_handout_cli("--help").stdout
+    assert "--out OUT" in usage and "--out-dir" not in usage
+    typo = make_handout_cli("--outdir", str(tmp_path / "typo"))
+    assert typo.returncode == 2 and typo.stderr.startswith("Error: unrecognized arguments")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,10 +186,12 @@ def test_static_scan_passes_the_reference_and_flags_cheats():
 
 def test_grade_cli_clear_errors(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "instructor" / "grade.py"), *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, str(INSTRUCTOR / "grade.py"), *args], capture_output=True, text=True,
+                              timeout=60)
 
     missing = run(str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no such submissions directory" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "no such submissions directory" in missing.stderr
+    assert missing.stderr.startswith("Error: ") and "Traceback" not in missing.stderr
     (tmp_path / "empty").mkdir()
     empty = run(str(tmp_path / "empty"))
     assert empty.returncode == 2 and "no submissions in" in empty.stderr
@@ -213,15 +232,19 @@ def cheats(subs, outside):
         "patches_torch": "import torch\nimport torch.testing\ntorch.allclose = lambda *a, **k: True\n"
                          "torch.testing.assert_close = lambda *a, **k: None\n",
         "patches_torch_sneakily": "import torch\ntorch.__dict__['equal'] = lambda *a: True\n",
-        "patches_checker": "import sys\nfor m in list(sys.modules.values()):\n    if hasattr(m, 'compare') and hasattr(m, 'run_checks_on'):\n"
+        "patches_checker": "import sys\nfor m in list(sys.modules.values()):\n"
+                           "    if hasattr(m, 'compare') and hasattr(m, 'run_checks_on'):\n"
                            "        m.compare = lambda *a, **k: []\n",
         "writes_outside": f"f = open({str(outside / 'pwned.txt')!r}, 'w')\nf.write('x')\nf.close()\n",
         "writes_with_torch": f"import torch\ntorch.save({{}}, {str(subs / 'zz_planted.py')!r})\n",
         "reexports": "from transformers.models.gpt2.modeling_gpt2 import *\n",
         "reexports_sneakily": "from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, GPT2Config\n"
                               "GPT2LMHeadModel = MODEL_FOR_CAUSAL_LM_MAPPING[GPT2Config]\n",
-        "wraps_transformers": "import torch\nfrom transformers import GenerationMixin, GPT2Config, PreTrainedModel, MODEL_FOR_CAUSAL_LM_MAPPING\n"
-                              "class GPT2LMHeadModel(PreTrainedModel, GenerationMixin):\n    config_class = GPT2Config\n"
+        "wraps_transformers": "import torch\n"
+                              "from transformers import GenerationMixin, GPT2Config, PreTrainedModel, "
+                              "MODEL_FOR_CAUSAL_LM_MAPPING\n"
+                              "class GPT2LMHeadModel(PreTrainedModel, GenerationMixin):\n"
+                              "    config_class = GPT2Config\n"
                               "    def __init__(self, config):\n        super().__init__(config)\n"
                               "        self.inner = [MODEL_FOR_CAUSAL_LM_MAPPING[GPT2Config](config)]\n"
                               "    def forward(self, *a, **k):\n        return self.inner[0](*a, **k)\n",
@@ -229,7 +252,9 @@ def cheats(subs, outside):
         "kills_group": "import torch\nimport os as o\no.killpg(o.getpgid(o.getppid()), 9)\n",
         "reads_others": f"SOURCE = open({str(other)!r}).read()\n",
         "reads_others_with_torch": f"import torch\ntry:\n    torch.load({str(other)!r})\nexcept Exception:\n    pass\n",
-        "fakes_outputs": "import os, torch\ntorch.save({'outputs': {'errors': {}}, 'harness': {'violations': []}}, 'outputs.pt')\nos._exit(0)\n",
+        "fakes_outputs": "import os, torch\n"
+                         "torch.save({'outputs': {'errors': {}}, 'harness': {'violations': []}}, 'outputs.pt')\n"
+                         "os._exit(0)\n",
         "syntax_error": "class GPT2LMHeadModel(:\n",
     }
 
@@ -247,7 +272,8 @@ def graded(made, tmp_path_factory):
     correct = filled(made)
     (subs / "alice.py").write_text(correct)
     (subs / "bob").mkdir()  # a folder per student works too, with comments and spacing of the student's own
-    (subs / "bob" / "modeling_gpt2.py").write_text("# Bob's GPT-2\n" + filled(made, a=("self.c_attn = Conv1D([MASK]", "3*config.hidden_size")))
+    bob = filled(made, a=("self.c_attn = Conv1D([MASK]", "3*config.hidden_size"))
+    (subs / "bob" / "modeling_gpt2.py").write_text("# Bob's GPT-2\n" + bob)
     (subs / "carol.py").write_text(correct.replace("self.act = gelu_new", "self.act = gelu_new  # the tanh one"))
     expected_pass = {"alice", "bob", "carol"}
     assert correct == MODELING.read_text()  # the key filled in is the reference, so the checker's variants apply
@@ -270,7 +296,7 @@ def graded(made, tmp_path_factory):
     (subs / "two_files" / "a.py").write_text(correct)
     (subs / "two_files" / "b.py").write_text(correct)
     out = base / "report"
-    result = subprocess.run([sys.executable, str(ROOT / "instructor" / "grade.py"), str(subs), "--out", str(out),
+    result = subprocess.run([sys.executable, str(INSTRUCTOR / "grade.py"), str(subs), "--out", str(out),
                              "--timeout", str(GRADE_TIMEOUT), "--jobs", "2", "-f", "kernel.json"],
                             capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -283,7 +309,8 @@ def test_only_correct_submissions_pass(graded):
     rows, _md, stdout, _subs, _outside, expected_pass = graded
     assert {name for name, row in rows.items() if row["result"] == "PASS"} == expected_pass, stdout[-3000:]
     for name in expected_pass:
-        assert rows[name]["score"] == "1.00" and rows[name]["checks passed"] == f"{N_ROWS}/{N_ROWS}" and rows[name]["notes"] == ""
+        assert rows[name]["score"] == "1.00" and rows[name]["checks passed"] == f"{N_ROWS}/{N_ROWS}"
+        assert rows[name]["notes"] == ""
         if not name.startswith("rewrite_"):  # a rewrite may fill a [MASK] its own way and still be right
             assert rows[name]["fills = key"] == "23/23", rows[name]  # spacing and comments do not change a fill
 

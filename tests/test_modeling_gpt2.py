@@ -6,10 +6,11 @@ from transformers import GPT2Config
 from transformers import GPT2LMHeadModel as RefLMHead
 from transformers import GPT2Model as RefModel
 
+from course_utils import load_script
 from gpt2.modeling_gpt2 import GPT2LMHeadModel, GPT2Model
-from gpt2_helpers import TINY, load_checker
+from gpt2_helpers import CHECKER, TINY
 
-check = load_checker()
+check = load_script(CHECKER)
 EXACT = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -89,7 +90,8 @@ def test_loss_ignores_minus_100_and_supports_num_items(weights):
     labels = ids.masked_fill(mask == 0, -100)
     logits = ours(ids, attention_mask=mask).logits
     # By hand: position t predicts label t+1.
-    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                ignore_index=-100)
     assert_close(ours(ids, attention_mask=mask, labels=labels).loss, by_hand, **EXACT)
     n = int((labels[:, 1:] != -100).sum())
     summed = ours(ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * n).loss
@@ -100,7 +102,8 @@ def test_model_without_head_and_tuple_outputs(weights):
     ref = RefModel.from_pretrained(weights, attn_implementation="eager").eval()
     ours = GPT2Model.from_pretrained(weights, attn_implementation="eager").eval()
     ids, mask = padded_batch()
-    assert_close(ours(ids, attention_mask=mask).last_hidden_state, ref(ids, attention_mask=mask).last_hidden_state, **EXACT)
+    assert_close(ours(ids, attention_mask=mask).last_hidden_state, ref(ids, attention_mask=mask).last_hidden_state,
+                 **EXACT)
     logits, cache = GPT2LMHeadModel.from_pretrained(weights).eval()(ids, attention_mask=mask, return_dict=False)[:2]
     assert logits.shape == (3, 12, TINY["vocab_size"]) and cache.get_seq_length() == 12
 
@@ -185,7 +188,8 @@ def test_peft_lora_with_gradient_checkpointing_trains(weights, tmp_path, reentra
     model = GPT2LMHeadModel.from_pretrained(weights)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     ids, mask = padded_batch(length=16)
@@ -204,7 +208,9 @@ def test_peft_lora_with_gradient_checkpointing_trains(weights, tmp_path, reentra
     peft_model.eval()
     ref = PeftModel.from_pretrained(RefLMHead.from_pretrained(weights), tmp_path / "adapter").eval()
     with torch.no_grad():
-        assert_close(ref(ids, attention_mask=mask).logits[mask.bool()], peft_model(input_ids=ids, attention_mask=mask).logits[mask.bool()], **EXACT)
+        real = mask.bool()
+        assert_close(ref(ids, attention_mask=mask).logits[real],
+                     peft_model(input_ids=ids, attention_mask=mask).logits[real], **EXACT)
 
 
 def test_bitsandbytes_4bit_matches_reference(weights):
@@ -212,7 +218,8 @@ def test_bitsandbytes_4bit_matches_reference(weights):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ref = RefLMHead.from_pretrained(weights, quantization_config=quant, **no_dropout)
     ours = GPT2LMHeadModel.from_pretrained(weights, quantization_config=quant, **no_dropout)
@@ -223,7 +230,8 @@ def test_bitsandbytes_4bit_matches_reference(weights):
     ours.train()
     ids, mask = padded_batch()
     with torch.no_grad():
-        assert_close(ours(ids, attention_mask=mask).logits[mask.bool()], ref(ids, attention_mask=mask).logits[mask.bool()], **EXACT)
+        real = mask.bool()
+        assert_close(ours(ids, attention_mask=mask).logits[real], ref(ids, attention_mask=mask).logits[real], **EXACT)
 
 
 def test_refuses_cross_attention_config():
