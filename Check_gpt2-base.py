@@ -34,8 +34,8 @@ from course_utils import (
     ArgumentParser,
     UserError,
     atomic_path,
-    hub_reachable,
     load_script,
+    local_or_hub,
     parse_args,
     pick_device,
     run_main,
@@ -129,10 +129,9 @@ def sensitive_random_gpt2(seed=SEED, **config_overrides):
 
 
 def prepare_weights(model_arg, workdir, default_used):
-    """Return (directory with config + weights, description, whether these are the real gpt2 weights)."""
-    import torch
-    from transformers import GPT2LMHeadModel
+    """Return (directory with config + weights, description, whether these are the real gpt2 weights).
 
+    A local directory, else the hub cache, else a download; for the default only, with neither: random weights."""
     model_dir = Path(model_arg)
     if model_dir.is_dir():
         if not (model_dir / "config.json").is_file():
@@ -144,19 +143,12 @@ def prepare_weights(model_arg, workdir, default_used):
     if not default_used and os.sep in model_arg:
         raise UserError(f"no such model directory: {model_arg}; give --model a directory with config.json and "
                         f"the weights, or a hub id.")
-    if hub_reachable():
-        print(f"{model_dir} not found: downloading '{hub_id}' from the hub (about 550 MB, once) ...", flush=True)
-        try:
-            model = GPT2LMHeadModel.from_pretrained(hub_id, dtype=torch.float32)
-        except Exception as error:
-            raise UserError(f"could not download '{hub_id}' ({type(error).__name__}: {str(error)[:200]}): check the "
-                            f"hub id, or give --model a local weights directory.") from None
-        target = Path(workdir) / "hub"
-        model.save_pretrained(target)
-        return target, f"weights of '{hub_id}' from the hub", hub_id == HUB_ID
-    if not default_used:
-        raise UserError(f"no directory '{model_arg}' and no network to download it from the hub: give --model a "
-                        f"local weights directory.")
+    try:
+        found = local_or_hub(model_arg, hub_id, ROOT, announce=lambda text: print(text, flush=True))
+        return Path(found), f"weights of '{hub_id}' from the hub", hub_id == HUB_ID
+    except UserError:
+        if not default_used:
+            raise
     print(
         f"No {DEFAULT_MODEL.relative_to(ROOT)} and no network: checking on random weights at GPT-2 124M's shape "
         f"(seed {SEED}). For the real weights put the files of the hub repo '{HUB_ID}' into "

@@ -436,7 +436,9 @@ def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
     """With no model/gpt2-base and no network, random weights at 124M's shape are used and said so."""
     monkeypatch.setattr(check, "DEFAULT_MODEL", tmp_path / "model" / "gpt2-base")
     monkeypatch.setattr(check, "ROOT", tmp_path)
-    monkeypatch.setattr(check, "hub_reachable", lambda timeout=3.0: False)
+    def offline(path, hub_id, *args, **kwargs):  # not on disk, not in the hub cache, and no network
+        raise check.UserError(f"{path} not found and the Hugging Face hub cannot be reached.")
+    monkeypatch.setattr(check, "local_or_hub", offline)
     calls = []
     real_random = check.sensitive_random_gpt2
 

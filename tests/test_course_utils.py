@@ -148,3 +148,21 @@ def test_load_script_by_path():
     ab = cu.load_script(ROOT / "A+B_Problem.py")
     assert ab.__name__ == "A_B_Problem" and callable(ab.main)
     assert cu.load_script(ROOT / "A+B_Problem.py") is ab  # once
+
+
+def test_the_hub_cache_is_used_offline(tmp_path):
+    """An earlier download sits in the hub cache: found without network (huggingface_hub's own cache layout;
+    a fresh process, because huggingface_hub reads HF_HOME when it is imported)."""
+    repo = tmp_path / "hf" / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    code = "import course_utils as cu; print(cu.local_or_hub('model/gpt2-base', 'gpt2', '.'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+                                     PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.samefile(result.stdout.strip(), snapshot)
