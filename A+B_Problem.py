@@ -148,10 +148,10 @@ class ModelSpace:
             ids = self.tok.encode(word.lower(), add_special_tokens=False).ids
         if not ids or (self.unk is not None and self.unk in ids):
             raise UserError(f"词 “{word}” 含有词表外的字符，分词得到 [UNK] (word '{word}' is not in the "
-                          f"vocabulary of {self.source})")
+                            f"vocabulary of {self.source})")
         if max(ids) >= len(self.emb):
             raise UserError(f"the tokenizer and the embedding matrix of {self.source} do not match (token id "
-                          f"{max(ids)} >= {len(self.emb)} rows)")
+                            f"{max(ids)} >= {len(self.emb)} rows)")
         return ids
 
     def vector(self, word):
@@ -205,7 +205,7 @@ def load_vectors(path, binary=None, limit=None):
             kv = KeyedVectors.load_word2vec_format(str(path), binary=binary, limit=limit, no_header=no_header)
     except Exception as e:   # gensim raises many kinds of errors on a malformed file
         raise UserError(f"无法解析词向量文件 {path} (not {kind} vectors: "
-                      f"{type(e).__name__}: {str(e)[:150]})")
+                        f"{type(e).__name__}: {str(e)[:150]})")
     if not len(kv.index_to_key):
         raise UserError(f"词向量文件 {path} 是空的 (no vectors)")
     return VectorsSpace(path, kv)
@@ -263,7 +263,7 @@ def embeddings_from_full_model(model_dir):
         weight = None
     if weight is None or weight.dim() != 2:
         raise UserError(f"模型 {model_dir} ({type(model).__name__}) 没有词嵌入 (it has no input embeddings: "
-                      f"choose a text model)")
+                        f"choose a text model)")
     return weight.detach().float().numpy()
 
 

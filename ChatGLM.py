@@ -36,12 +36,13 @@ from packaging.version import Version
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import convert_chatglm2  # ChatGLM2 in THUDM's layout -> transformers' own glm model
-from chat_engine import Chat, ChatEngine, ContextTooLong, Options, PromptError, first_line, message_text, run_terminal  # noqa: F401
+from chat_engine import Chat, ChatEngine, ContextTooLong, Options, PromptError, first_line, message_text, run_terminal
 from course_utils import (
     DTYPE_CHOICES,
     MODEL_FILES,
     ArgumentParser,
     UserError,
+    hub_reachable,
     local_or_hub,
     parse_args,
     pick_device,
@@ -77,7 +78,7 @@ DEMO_QUESTIONS = ["什么情况下商贩会售卖淹死的鱼？", "两杯50度�
 # 1. Finding and loading the model
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_model(name):
-    """Returns (a local directory with the model, the course directory it stands for, or None).
+    """Returns (a local directory with the model, the course directory model/<name> it stands for).
 
     Course layout first: a local directory. A missing `model/<name>` falls back to its known hub id; anything
     else that is not a local path is taken as a hub id ("gpt2", "Qwen/Qwen2.5-0.5B-Instruct"): the hub cache, else
@@ -87,15 +88,15 @@ def resolve_model(name):
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise UserError(f"{path} 里没有 config.json（也不是 LoRA 目录），"
                             f"请放入完整的模型文件（save_pretrained 的输出）")
-        return str(path), None
+        return str(path), str(path)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or path.parts[0] == "model"
     if looks_local:
         hub_id = KNOWN_HUB_IDS.get(path.name)
         if hub_id is None:
             raise UserError(f"找不到模型目录 {path}：请创建它并放入模型文件，或用 --model 指向已有目录 / 🤗 hub id")
         wanted = str(path)
-    else:
-        hub_id, wanted = name, None
+    else:  # a hub id; a ChatGLM2 among them is converted into model/<name>-glm, as for the course layout
+        hub_id, wanted = name, str(Path("model") / name.split("/")[-1])
     # *.py: ChatGLM-6B v1's own modeling code (run only with trust_remote_code); *.tiktoken: some chat tokenizers
     return local_or_hub(wanted or hub_id, hub_id, HERE, patterns=[*MODEL_FILES, "*.py", "*.tiktoken"]), wanted
 
@@ -163,10 +164,11 @@ def load_peft(source, device, dtype, trust_remote_code):
     base = PeftConfig.from_pretrained(source).base_model_name_or_path
     if base and not Path(base).exists() and Path(base).parts[:1] == ("model",):
         raise UserError(f"LoRA 目录 {source} 的基座模型 {base} 不存在：请先准备好基座模型（Task 4/5 的 {base}）")
-    kwargs = {DTYPE_KW: dtype, "trust_remote_code": trust_remote_code}
+    offline = not hub_reachable()  # a base given as a hub id: from the hub cache, at once, when there is no network
+    kwargs = {DTYPE_KW: dtype, "trust_remote_code": trust_remote_code, "local_files_only": offline}
     model = AutoPeftModelForCausalLM.from_pretrained(source, **kwargs).merge_and_unload()
     has_tokenizer = any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(source if has_tokenizer else base)
+    tokenizer = AutoTokenizer.from_pretrained(source if has_tokenizer else base, local_files_only=offline)
     return model.to(device).eval(), tokenizer
 
 
@@ -189,7 +191,7 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False, quant
     """Returns (model, tokenizer, device). dtype: auto/fp32/bf16/fp16; quant: auto/none/4bit (NF4).
     Every foreseeable failure becomes a UserError."""
     source, wanted = resolve_model(name)
-    device = pick_device(device)
+    device, dtype = pick_device(device), canonical_dtype(dtype)
     config = read_config(source)
     try:
         plan = {}
@@ -596,16 +598,17 @@ def check_port(host, port):
                             f"--port 用 1024 以上的端口") from None
 
 
-def dtype_name(text):
+def canonical_dtype(text):
     return OLD_DTYPE_NAMES.get(text, text)
 
 
 def parse_arguments(argv=None):
     p = ArgumentParser(description="Task 0：在终端、网页或 OpenAI 风格的 API 里和本地模型聊天")
     p.add_argument("--model", default=DEFAULT_MODEL, help="模型目录或 🤗 hub id（默认 %(default)s）")
-    p.add_argument("--device", default="auto", help="auto、cpu、cuda 或 cuda:N")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto：有 GPU 就用（选哪张卡：CUDA_VISIBLE_DEVICES）")
     # float32 / float16 / bfloat16 (the earlier spellings) still work; nf4 is the earlier --quant 4bit
-    p.add_argument("--dtype", default="auto", type=dtype_name, choices=[*DTYPE_CHOICES, "nf4"],
+    p.add_argument("--dtype", default="auto", type=canonical_dtype, choices=[*DTYPE_CHOICES, "nf4"],
                    metavar="{" + ",".join(DTYPE_CHOICES) + "}", help="auto：GPU 上 bf16/fp16，CPU 上 fp32")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "4bit"],
                    help="4bit = bitsandbytes NF4；auto：ChatGLM2 在半精度装不下时用 4bit")

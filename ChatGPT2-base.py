@@ -21,7 +21,16 @@ import sys
 from dataclasses import dataclass
 
 from chat_engine import Chat, ChatEngine, Options, run_terminal  # shared with Task 0
-from course_utils import ArgumentParser, UserError, gpt2_model_class, local_or_hub, parse_args, run_main, script_dir
+from course_utils import (
+    ArgumentParser,
+    UserError,
+    gpt2_model_class,
+    local_or_hub,
+    parse_args,
+    pick_device,
+    run_main,
+    script_dir,
+)
 
 HERE = script_dir(globals())
 DEFAULT_BASE = "model/gpt2-base"
@@ -34,6 +43,7 @@ def build_parser():
     p.add_argument("--model", default=None, help=f"base model directory or hub id (default {DEFAULT_BASE}); "
                    "given alone (without --adapter) it is taken as a merged model")
     p.add_argument("--adapter", default=None, help=f"LoRA adapter directory (default {DEFAULT_ADAPTER})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU when there is one")
     p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
                    help="which GPT-2 code: repo = gpt2/modeling_gpt2.py (Task 4), transformers = GPT2LMHeadModel")
     p.add_argument("--system", default=None, help="an optional system prompt")
@@ -66,7 +76,6 @@ def resolve_model(path):
 
 def load_models(args):
     """Return (fine-tuned model, base model or None, tokenizer, description)."""
-    import torch
     from transformers import AutoTokenizer
     merged = args.adapter is None and args.model is not None
     base_dir = resolve_model(args.model or DEFAULT_BASE)
@@ -81,7 +90,7 @@ def load_models(args):
     if not tokenizer.chat_template:
         raise UserError(f"{tok_dir} has no chat template: pass --adapter with the directory "
                         f"Supervised_Fine-Tuning.py wrote (or --model alone with its merged model).")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     cls = gpt2_model_class(args.model_impl)
     try:
         model = cls.from_pretrained(base_dir)
@@ -116,17 +125,6 @@ def speaker_names(tokenizer):
 def options(args):
     return Options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
-def generate_reply(model, tokenizer, messages, args, user_prefix=None):
-    """One reply of `model` to `messages` with the script's settings: (text, whether old turns were left out)."""
-    engine = ChatEngine(model, tokenizer, batching="generate")
-    try:
-        reply = engine.reply(messages, options(args))
-        "".join(reply)
-    finally:
-        engine.close()
-    return reply.text, reply.dropped > 0
 
 
 @dataclass

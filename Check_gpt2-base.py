@@ -146,19 +146,15 @@ def prepare_weights(model_arg, workdir, default_used):
     try:
         found = local_or_hub(model_arg, hub_id, ROOT, announce=lambda text: print(text, flush=True))
         return Path(found), f"weights of '{hub_id}' from the hub", hub_id == HUB_ID
-    except UserError:
+    except UserError as error:
         if not default_used:
             raise
-    print(
-        f"No {DEFAULT_MODEL.relative_to(ROOT)} and no network: checking on random weights at GPT-2 124M's shape "
-        f"(seed {SEED}). For the real weights put the files of the hub repo '{HUB_ID}' into "
-        f"{DEFAULT_MODEL.relative_to(ROOT)}/.",
-        flush=True,
-    )
+        why = str(error)  # not on disk, not in the hub cache, and no network (or the download failed)
+    print(f"{why} So the check runs on random weights at GPT-2 124M's shape (seed {SEED}) instead.", flush=True)
     target = Path(workdir) / "random"
     sensitive_random_gpt2().save_pretrained(target)
     where = DEFAULT_MODEL.relative_to(ROOT)
-    return target, f"random weights at GPT-2 124M's shape (seed {SEED}, no {where} and no network)", False
+    return target, f"random weights at GPT-2 124M's shape (seed {SEED}; {where} could not be found or fetched)", False
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
    and one exit code by `run_main`; one rule for arguments a script does not know; old option names kept as
    hidden aliases.
 2. Weights and data: a local directory first, then the hub cache, then a download (said aloud), else one sentence
-   that names the directory to create.
+   that names the directory to create; and which GPT-2 code loads them (this repository's or transformers').
 3. Device and dtype: `--device {auto,cpu,cuda,cuda:N}` and `--dtype {auto,fp32,bf16,fp16}` mean the same everywhere.
 4. Files: atomic writes (a reader sees the old file or the whole new one, never half), and the loss-curve plot.
 5. For tests and benches: loading a script by its path (the scripts' names, like `A+B_Problem.py`, are not
@@ -59,7 +59,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its usage errors reported like every other user error (one line, the same prefix and code)."""
 
     def error(self, message):
-        raise UserError(f"{message} (python {self.prog} --help lists the options).")
+        raise UserError(f"{message} (--help lists the options).")
 
     def add_alias(self, *old_names, dest, const=None, type=None):
         """Old spellings of an option keep working but are not shown in --help: `--output` for `--out` (give the
@@ -170,11 +170,19 @@ def hub_fetcher(hub_id, filename, repo_type, patterns):
 
     def fetch(**kw):
         path = snapshot_download(hub_id, repo_type=repo_type, allow_patterns=patterns, **kw)
-        if "*.safetensors" in patterns and not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        if "*.safetensors" in patterns and not has_weights(path):
             # an older model with only pytorch_model.bin: fetch that too (not always, it would double the download)
             path = snapshot_download(hub_id, repo_type=repo_type, allow_patterns=[*patterns, "*.bin"], **kw)
+        if kw.get("local_files_only") and not (os.path.isfile(os.path.join(path, "config.json"))
+                                               and ("*.safetensors" not in patterns or has_weights(path))):
+            # the cache of an earlier, partial download (say, a tokenizer only) is not the model: fetch the rest
+            raise FileNotFoundError(f"{path} is not a complete copy of {hub_id}")
         return path
     return fetch
+
+
+def has_weights(directory):
+    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -234,22 +242,27 @@ def torch_dtype(name):
 def atomic_path(path):
     """`with atomic_path(out) as tmp:` write a file or a whole directory at tmp; when the block ends without an
     error, tmp takes out's place (a rename: the reader sees the old one or the whole new one); after an error,
-    or a kill, out is untouched. tmp sits beside out (one file system) and keeps out's extension."""
+    or a kill, out is untouched. tmp sits beside out (one file system) and keeps out's extension; its name is
+    fixed, so what a killed run left half-written is simply replaced by the next write."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{name}")
-    old = tmp + ".old"
+    tmp, old = os.path.join(parent, f".partial-{name}"), os.path.join(parent, f".old-{name}")
+    if os.path.exists(old) and not os.path.exists(path):
+        os.replace(old, path)  # a run killed between the two renames below: its previous output comes back
     remove(tmp)
+    remove(old)
     try:
         yield tmp
         if os.path.isdir(tmp) and os.path.exists(path):
             os.replace(path, old)  # a directory cannot replace another in one step: move the old one aside first
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(old) and not os.path.exists(path):
             os.replace(old, path)  # put the previous output back
         remove(tmp)
+        if isinstance(error, OSError) and error.filename == tmp:
+            error.filename = path  # an error message names the file the user asked for, not the temporary one
         raise
     finally:
         remove(old)

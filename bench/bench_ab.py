@@ -84,7 +84,9 @@ def timed(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if p.returncode:
-        raise UserError(f"{' '.join(map(str, cmd))} failed: {p.stderr.strip().splitlines()[-1:]}")
+        print(p.stderr[-2000:], file=sys.stderr)  # what went wrong, above the one-line error
+        raise UserError(f"{' '.join(map(str, cmd[:2]))} ... failed with exit status {p.returncode} "
+                        f"(its output is above).")
     return seconds, p.stdout
 
 

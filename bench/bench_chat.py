@@ -23,6 +23,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,12 +111,15 @@ def stream_one(port, model, question, new_tokens, result):
     result["end"] = time.perf_counter()
 
 
-def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True):
+def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True, repeats=3):
     count = lambda r: len(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
     stream_one(port, model, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
-    alone = {}
-    stream_one(port, model, single, new_tokens, alone)
-    one = dict(one=count(alone) / (alone["end"] - alone["start"]), one_tokens=count(alone))
+    alone = []  # one client, several times: a single 2-second answer moves by a few percent from run to run
+    for _ in range(repeats):
+        alone.append({})
+        stream_one(port, model, single, new_tokens, alone[-1])
+    rates = sorted(count(r) / (r["end"] - r["start"]) for r in alone)
+    one = dict(one=statistics.median(rates), one_all=rates, one_tokens=count(alone[-1]))
     if not concurrent:
         return one
     results = [{} for _ in qs]
@@ -195,7 +199,8 @@ def main(argv=None):
         r = rows[name]
         together = (f"aggregate {r['aggregate']:6.1f} tokens/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
                     f"worst TTFT {r['ttft']:5.2f} s, " if "aggregate" in r else "")
-        print(f"  {name:9s} {together}one client {r['one']:5.1f} tokens/s ({r['one_tokens']} tokens)", flush=True)
+        print(f"  {name:9s} {together}one client {r['one']:5.1f} tokens/s ({r['one_tokens']} tokens; median of "
+              f"{', '.join(f'{x:.1f}' for x in r['one_all'])})", flush=True)
     base = rows.get("serve-cb")
     cell = lambda r, key, form: form.format(r[key]) if key in r else "—"
     print("\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"

@@ -88,7 +88,7 @@ def scope_lines(lines, name, entry):
     headers = [i for i, line in enumerate(lines) if pattern.match(line)]
     if len(headers) != 1:
         raise UserError(f"mask entry #{entry['number']} ({entry['find']!r}): `in = {name!r}` names "
-                           f"{len(headers)} classes/functions in the reference, not exactly one: fix `in`.")
+                        f"{len(headers)} classes/functions in the reference, not exactly one: fix `in`.")
     start = headers[0]
     end = start
     for i in range(start + 1, len(lines)):
@@ -176,7 +176,7 @@ def make(reference_path=DEFAULT_REFERENCE, spec_path=DEFAULT_SPEC):
     handout, slots = build_handout(reference, load_spec(spec_path))  # slots' "line": the reference's line number
     handout = (HANDOUT_NOTE.replace("\n", "\r\n") if "\r\n" in reference else HANDOUT_NOTE) + handout
     if fill_handout(handout, [s["answer"] for s in slots]) != reference:  # cannot happen; never hand out a bad key
-        raise UserError("internal error: the answer key does not reproduce the reference; please report it.")
+        raise RuntimeError("internal error: the answer key does not reproduce the reference; please report it.")
     key = {
         "reference": str(reference_path),
         "reference_sha256": hashlib.sha256(reference.encode()).hexdigest(),

@@ -492,3 +492,13 @@ def test_lora_adapter_dir_is_loaded_and_merged(engine, tiny_dir, tmp_path):
     text = "".join(lora.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
     assert text == "".join(merged.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
     assert text != "".join(engine.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
+
+
+def test_a_hub_id_is_converted_into_the_course_layout_not_the_hub_cache(tmp_path, monkeypatch):
+    """--model THUDM/chatglm2-6b-int4: the download sits in the hub cache; its converted copy goes to
+    model/chatglm2-6b-int4-glm (found there the next time), never inside the cache."""
+    snapshot = tmp_path / "hub" / "models--THUDM--chatglm2-6b-int4" / "snapshots" / "abc"
+    monkeypatch.setattr(ChatGLM, "local_or_hub", lambda path, hub_id, *a, **k: str(snapshot))
+    source, wanted = ChatGLM.resolve_model("THUDM/chatglm2-6b-int4")
+    assert source == str(snapshot) and wanted == "model/chatglm2-6b-int4"
+    assert ChatGLM.convert_chatglm2.native_dir_for(source, wanted) == Path("model/chatglm2-6b-int4-glm")

@@ -437,7 +437,8 @@ def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(check, "DEFAULT_MODEL", tmp_path / "model" / "gpt2-base")
     monkeypatch.setattr(check, "ROOT", tmp_path)
     def offline(path, hub_id, *args, **kwargs):  # not on disk, not in the hub cache, and no network
-        raise check.UserError(f"{path} not found and the Hugging Face hub cannot be reached.")
+        raise check.UserError(f"{path} not found and the Hugging Face hub cannot be reached (no network, or "
+                              f"HF_HUB_OFFLINE=1): put the files of hub id `{hub_id}` at {path}.")
     monkeypatch.setattr(check, "local_or_hub", offline)
     calls = []
     real_random = check.sensitive_random_gpt2

@@ -491,7 +491,7 @@ def test_training_lowers_eval_loss_and_saves_atomically(trained, tok):
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (trained / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in trained.parent.iterdir() if p.name.startswith((".partial-", ".old-"))]
     # readable like any directory (tempfile.mkdtemp alone would leave them private to the owner)
     assert (trained.stat().st_mode & 0o777) == (Path(str(trained) + "-merged").stat().st_mode & 0o777) == 0o755
     from transformers import AutoTokenizer
@@ -666,12 +666,22 @@ def test_chat_with_adapter_and_compare(trained, tiny_dir, tmp_path, capsys):
     question = [{"role": "user", "content": "hi"}]
     base = gpt2_class(impl).from_pretrained(tiny_dir).eval()
     tuned = PeftModel.from_pretrained(gpt2_class(impl).from_pretrained(tiny_dir), str(trained)).eval()
-    base_reply, _ = chat.generate_reply(base, tokenizer, question, args, "Human:")
-    tuned_reply, _ = chat.generate_reply(tuned, tokenizer, question, args, "Human:")
+    base_reply, tuned_reply = (reply_of(model, tokenizer, question, args) for model in (base, tuned))
     assert base_reply != tuned_reply
     text = md.read_text(encoding="utf-8")
     assert f"**chatgpt2-base (base GPT-2):** {base_reply}\n" in text
     assert f"**chatgpt2-base (fine-tuned):** {tuned_reply}\n" in text
+
+
+def reply_of(model, tokenizer, messages, args):
+    """One reply of `model` with ChatGPT2-base.py's settings, through the same chat engine."""
+    engine = chat.ChatEngine(model, tokenizer, batching="generate")
+    try:
+        reply = engine.reply(messages, chat.options(args))
+        "".join(reply)
+    finally:
+        engine.close()
+    return reply.text
 
 
 def test_chat_missing_adapter_is_one_sentence(tiny_dir, tmp_path):
