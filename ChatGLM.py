@@ -116,7 +116,7 @@ def is_chatglm_v1(name, config):
 
 def chatglm2_native(source, wanted):
     """ChatGLM2 in THUDM's layout -> its native `glm` copy beside it, converted on first use, then reused."""
-    target = convert_chatglm2.native_dir_for(source, wanted)
+    target = convert_chatglm2.native_dir_for(wanted)
     if target.is_dir():
         print(f"使用已转换的 {target}", file=sys.stderr)
         return str(target)

@@ -557,11 +557,9 @@ def loading_plan(glm_dir, device, dtype_name="auto", quant="auto"):
     return kwargs, note
 
 
-def native_dir_for(src, wanted=None):
-    """Where the converted copy of SRC lives: beside the course's model/<name> directory, named <name>-glm."""
-    base = Path(wanted) if wanted else Path(src)
-    if not wanted and not Path(src).is_dir():  # a hub id such as THUDM/chatglm2-6b-int4
-        base = Path("model") / str(src).split("/")[-1]
+def native_dir_for(course_dir):
+    """Where the converted copy lives: beside the course's model/<name> directory, named <name>-glm."""
+    base = Path(course_dir)
     return base.with_name(base.name + "-glm")
 
 

@@ -501,4 +501,4 @@ def test_a_hub_id_is_converted_into_the_course_layout_not_the_hub_cache(tmp_path
     monkeypatch.setattr(ChatGLM, "local_or_hub", lambda path, hub_id, *a, **k: str(snapshot))
     source, wanted = ChatGLM.resolve_model("THUDM/chatglm2-6b-int4")
     assert source == str(snapshot) and wanted == "model/chatglm2-6b-int4"
-    assert ChatGLM.convert_chatglm2.native_dir_for(source, wanted) == Path("model/chatglm2-6b-int4-glm")
+    assert ChatGLM.convert_chatglm2.native_dir_for(wanted) == Path("model/chatglm2-6b-int4-glm")
