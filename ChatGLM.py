@@ -164,7 +164,8 @@ def load_peft(source, device, dtype, trust_remote_code):
     base = PeftConfig.from_pretrained(source).base_model_name_or_path
     if base and not Path(base).exists() and Path(base).parts[:1] == ("model",):
         raise UserError(f"LoRA 目录 {source} 的基座模型 {base} 不存在：请先准备好基座模型（Task 4/5 的 {base}）")
-    offline = not hub_reachable()  # a base given as a hub id: from the hub cache, at once, when there is no network
+    # a base given as a hub id: from the hub cache, at once, when there is no network (a local base needs no probe)
+    offline = not Path(base).exists() and not hub_reachable()
     kwargs = {DTYPE_KW: dtype, "trust_remote_code": trust_remote_code, "local_files_only": offline}
     model = AutoPeftModelForCausalLM.from_pretrained(source, **kwargs).merge_and_unload()
     has_tokenizer = any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
