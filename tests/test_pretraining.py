@@ -319,6 +319,45 @@ def test_cpu_cross_entropy_equals_torchs(dtype, grad_scale, monkeypatch):
     torch.testing.assert_close(ours.float(), logits.grad.float(), **tolerance)
 
 
+def test_cpu_bf16_takes_the_textbook_attention_for_short_blocks_and_it_computes_the_same():
+    """Up to 512 tokens a CPU bf16 run uses the model's eager attention (faster there); it is the same function
+    as the fused kernel: same logits and gradients to bf16 rounding."""
+    chosen = {}
+    settings = (("cpu", "bf16", 512), ("cpu", "bf16", 1024), ("cpu", "fp32", 64), ("cuda", "bf16", 64))
+    for device, dtype, block in settings:
+        model = tiny_model()
+        Pretraining.use_fast_cpu_bf16_attention(model, device, dtype, block)
+        chosen[(device, dtype, block)] = model.config._attn_implementation
+    assert chosen == {("cpu", "bf16", 512): "eager", ("cpu", "bf16", 1024): "sdpa", ("cpu", "fp32", 64): "sdpa",
+                      ("cuda", "bf16", 64): "sdpa"}
+    fused, eager = tiny_model(), tiny_model()
+    Pretraining.use_fast_cpu_bf16_attention(eager, "cpu", "bf16", 16)
+    x = torch.randint(0, 40, (3, 16))
+    outputs = []
+    for m in (fused, eager):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(input_ids=x).logits
+        logits.float().logsumexp(-1).mean().backward()
+        outputs.append(logits.float())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=2e-2, atol=2e-2)
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_stays_with_the_process_on_cpu():
+    """After keep_freed_memory_on_cpu a freed 400 MB tensor is kept for the next step (resident memory stays);
+    without it glibc gives it back to the OS at once, to be page-faulted in again."""
+    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from course_utils import load_script\n"
+             "P = load_script(sys.argv[1] + '/Pretraining.py')\n"
+             "if sys.argv[2] == 'keep': P.keep_freed_memory_on_cpu()\n"
+             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+             "before = rss(); x = torch.ones(100 * 2**20); del x; print(rss() - before)")
+    kept = {mode: int(subprocess.run([sys.executable, "-c", probe, str(ROOT), mode], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    assert kept["keep"] > 350 and kept["default"] < 50, kept
+
+
 def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
     model = tiny_model()
     mixed = Pretraining.MasterWeights(model)
