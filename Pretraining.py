@@ -568,7 +568,7 @@ def estimate_loss(model, data, args, block_size, device, autocast):
     for _ in range(args.eval_iters):
         x, y = get_batch(data, rng.integers(0, len(data) - block_size - 1, size=args.batch_size), block_size, device)
         with autocast:
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         losses.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)).item())
     model.train()
     return float(np.mean(losses))
@@ -809,7 +809,7 @@ def train_step(run, step, train_data):
         sync = micro == accum_local - 1 or mixed is not None
         with (run.model.no_sync() if run.ddp and not sync else contextlib.nullcontext()):
             with run.autocast:
-                logits = run.model(input_ids=x).logits
+                logits = run.model(input_ids=x, use_cache=False).logits  # no KV cache: nothing is generated
             loss = lm_loss(logits, y) / accum_local
             scaler.scale(loss).backward()
         if mixed:
