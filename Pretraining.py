@@ -418,7 +418,7 @@ def use_fast_cpu_bf16_attention(model, device, dtype, block_size):
     blocks up to 512 tokens the model's textbook path ("eager": q·kᵀ, softmax, ·v as bf16 matrix products) is
     faster. Measured at 124M, batch 4 x 256 on the course's 2-core CPU: 1.18 s instead of 1.25 s a step; at 2 x 512
     1.35 s instead of 1.41 s; at 1 x 1024 slower (1.56 s instead of 1.43 s), so longer blocks keep the fused kernel.
-    The same formula: the losses agree to float rounding (bench/bench_pretrain.py part 2 prints both curves)."""
+    The same formula: tests/test_pretraining.py checks its logits and gradients against the fused kernel's."""
     if device == "cpu" and dtype == "bf16" and block_size <= 512:
         model.set_attn_implementation("eager")
 
