@@ -30,6 +30,7 @@ from course_utils import (
     pick_device,
     run_main,
     script_dir,
+    use_fused_gelu,
 )
 
 HERE = script_dir(globals())
@@ -97,13 +98,16 @@ def load_models(args):
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a GPT-2 from {base_dir} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                         f"pass --model with a GPT-2 directory or hub id.") from None
+    use_fused_gelu(model)  # the activation its config names (a GPT-2 from Pretraining.py has the exact GELU)
     base = None
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
         # --compare runs the same weights with the adapter switched off: no second copy in memory.
     elif args.compare:
-        base = cls.from_pretrained(resolve_model(args.compare_base)).to(device).eval()
+        base = cls.from_pretrained(resolve_model(args.compare_base))
+        use_fused_gelu(base)
+        base = base.to(device).eval()
     model = model.to(device).eval()
     what = f"{base_dir} + adapter {adapter}" if adapter else f"{base_dir} (merged)"
     return model, base, tokenizer, what

@@ -51,6 +51,7 @@ from course_utils import (
     plot_losses,
     run_main,
     script_dir,
+    use_fused_gelu,
 )
 
 HERE = script_dir(globals())
@@ -583,18 +584,6 @@ def load_base_model(path, model_impl, quant, compute_dtype, base_dtype, attn_dro
     model.config.use_cache = False  # the KV cache is for generation; training does not need it
     use_fused_gelu(model)
     return model
-
-
-def use_fused_gelu(model):
-    """GPT-2's tanh-GELU as PyTorch's one fused kernel, GELU(approximate="tanh"): the same formula as
-    gelu_new (equal up to float rounding), but one pass over the MLP's widest tensor instead of seven, and
-    only its input kept for the backward pass. (Only for training here: the saved adapter is unaffected.)"""
-    import torch
-    if getattr(model.config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        return
-    for module in model.modules():
-        if type(module).__name__ == "GPT2MLP":
-            module.act = torch.nn.GELU(approximate="tanh")  # no parameters: the state dict is unchanged
 
 
 # On a CPU, PyTorch's dropout draws its mask with bernoulli_ (11% of a 124M training step here, more than the

@@ -163,6 +163,27 @@ def gpt2_model_class(impl="repo"):
     return GPT2LMHeadModel
 
 
+GELU_KERNELS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # config name -> F.gelu's approximate
+
+
+def use_fused_gelu(model):
+    """Puts PyTorch's one fused GELU kernel into every GPT-2 MLP, the one its config names: GPT-2's tanh form
+    (gelu_new, written out as 7 element-wise operations, equal up to float rounding) or the exact erf form
+    ("gelu", what Pretraining.py trains by default, like nanoGPT). One pass over the MLP's widest tensor instead of
+    seven, and only its input kept for the backward pass; no parameters, so the state dict is unchanged.
+    It also makes gpt2/modeling_gpt2.py (which always builds gelu_new, as GPT-2 has it) follow the config."""
+    import torch
+    activation = getattr(model.config, "activation_function", "gelu_new")
+    mlps = [m for m in model.modules() if type(m).__name__ == "GPT2MLP"]
+    if activation not in GELU_KERNELS:
+        if any(type(m).__module__.startswith("gpt2.") for m in mlps):
+            raise UserError(f"gpt2/modeling_gpt2.py has no activation {activation!r} (its config asks for it): "
+                            "pass --model-impl transformers.")
+        return  # transformers' GPT-2 builds the configured activation itself
+    for module in mlps:
+        module.act = torch.nn.GELU(approximate=GELU_KERNELS[activation])
+
+
 def hub_fetcher(hub_id, filename, repo_type, patterns):
     from huggingface_hub import hf_hub_download, snapshot_download
     if filename:

@@ -100,6 +100,12 @@ def test_char_output_loads_in_transformers_and_matches_repo_model(char_run):
 
     hf = HFGPT2.from_pretrained(char_run).eval()
     repo = RepoGPT2.from_pretrained(char_run).eval()
+    # Trained with the exact GELU (the default); gpt2/modeling_gpt2.py builds GPT-2's tanh form, the scripts that
+    # load it with a GPT-2 of any activation call use_fused_gelu, which makes it follow the config.
+    assert hf.config.activation_function == "gelu"
+    with torch.no_grad():
+        assert not torch.allclose(hf(torch.tensor([ids])).logits, repo(torch.tensor([ids])).logits, atol=1e-6)
+    Pretraining.use_fused_gelu(repo)
     # The config carries the small tokenizer's ids, not GPT-2's 50256.
     assert hf.config.eos_token_id == hf.config.bos_token_id == tok.eos_token_id
     assert hf.config.vocab_size == len(tok)
@@ -282,6 +288,28 @@ def tiny_model(seed=0, vocab=40):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_fused_gelu_follows_the_configured_activation():
+    """The exact GELU ("gelu") in the repo's GPT-2 computes what transformers' GPT-2 computes with that config;
+    an activation the repo's GPT-2 cannot build is one clear error, not a silently different model."""
+    from transformers import GPT2Config
+    from transformers import GPT2LMHeadModel as HFGPT2
+
+    from course_utils import UserError
+    from gpt2.modeling_gpt2 import GPT2LMHeadModel
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2, activation_function="gelu")
+    repo = GPT2LMHeadModel(config).eval()
+    hf = HFGPT2(config).eval()
+    hf.load_state_dict(repo.state_dict())
+    Pretraining.use_fused_gelu(repo)
+    assert repo.transformer.h[0].mlp.act.approximate == "none"
+    x = torch.randint(0, 40, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(repo(input_ids=x).logits, hf(input_ids=x).logits, rtol=1e-6, atol=1e-6)
+    config.activation_function = "relu"
+    with pytest.raises(UserError, match="relu"):
+        Pretraining.use_fused_gelu(GPT2LMHeadModel(config))
 
 
 def test_fused_gelu_computes_what_gpt2s_gelu_does():
