@@ -994,6 +994,10 @@ def check_weight_set(candidate, weights_dir, description, real, device):
     from transformers import GPT2Config
 
     config = GPT2Config.from_pretrained(weights_dir)
+    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):  # e.g. Pretraining.py's default
+        raise UserError(f"{weights_dir} uses the activation {config.activation_function!r}, but the GPT-2 under check "
+                        f"has GPT-2's tanh GELU (gelu_new): check it on GPT-2 weights, or a model pretrained with "
+                        f"--activation gelu_new.")
     inputs = make_inputs(config)
     tokenizer = real_weight_inputs(inputs, weights_dir) if real else None
     threads = torch.get_num_threads()

@@ -432,6 +432,18 @@ def test_cli_clear_errors(tmp_path):
     assert typo.returncode == 2 and typo.stderr.startswith("Error: unrecognized arguments: --jsn out.json")
 
 
+def test_cli_refuses_weights_with_another_activation(tmp_path):
+    """A GPT-2 from Pretraining.py (exact GELU by default) is not GPT-2: one sentence, not a false FAIL."""
+    from transformers import GPT2LMHeadModel
+    model = check.sensitive_random_gpt2(**TINY)
+    model.config.activation_function = "gelu"
+    model.save_pretrained(tmp_path / "exact-gelu")
+    result = _run_cli("--model", str(tmp_path / "exact-gelu"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "'gelu'" in result.stderr and "--activation gelu_new" in result.stderr
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "exact-gelu").config.activation_function == "gelu"
+
+
 def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
     """With no model/gpt2-base and no network, random weights at 124M's shape are used and said so."""
     monkeypatch.setattr(check, "DEFAULT_MODEL", tmp_path / "model" / "gpt2-base")
