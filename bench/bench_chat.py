@@ -11,10 +11,10 @@ fp32 on this CPU, the same directory for every server. The bench starts every se
 All servers run at once (idle but the one measured) and are measured in --rounds rounds, in alternating order
 (this shared machine's speed moves by tens of percent from minute to minute; a ratio is the median of the
 per-round ratios). In each round, against each: one client alone (its tokens/s: the latency a single user
-sees), then --clients clients at once, each streaming one chat completion of --new-tokens tokens (greedy). The questions are the first user turns of
-real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json, those of 8-200 tokens), the same for every
-server. Tokens are counted by tokenizing each streamed reply with the model's tokenizer (transformers serve sends
-no usage in streams). Aggregate tokens/s = all tokens / wall time from the first request to the last token; TTFT
+sees), then --clients clients at once, each streaming one chat completion of --new-tokens tokens (greedy).
+The questions are the first user turns of real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json,
+those of 8-200 tokens), the same for every server. Tokens are counted by tokenizing each streamed reply with the
+model's tokenizer (transformers serve sends no usage in streams). Aggregate tokens/s = all tokens / wall time from the first request to the last token; TTFT
 is from sending a request to its first content chunk. Printed as ratios against transformers serve
 --continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one client >= before's).
 
