@@ -14,9 +14,10 @@ per-round ratios). In each round, against each: one client alone (its tokens/s: 
 sees), then --clients clients at once, each streaming one chat completion of --new-tokens tokens (greedy).
 The questions are the first user turns of real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json,
 those of 8-200 tokens), the same for every server. Tokens are counted by tokenizing each streamed reply with the
-model's tokenizer (transformers serve sends no usage in streams). Aggregate tokens/s = all tokens / wall time from the first request to the last token; TTFT
-is from sending a request to its first content chunk. Printed as ratios against transformers serve
---continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one client >= before's).
+model's tokenizer (transformers serve sends no usage in streams). Aggregate tokens/s = all tokens / wall time
+from the first request to the last token; TTFT is from sending a request to its first content chunk. Printed as
+ratios against transformers serve --continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one
+client >= before's).
 
 Run (under the lock, the machine is shared):  flock /work/flags/bench.lock python bench/bench_chat.py
 """
