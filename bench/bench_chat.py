@@ -15,7 +15,8 @@ sees), then --clients clients at once, each streaming one chat completion of --n
 The questions are the first user turns of real ShareGPT conversations (../shared/data/sharegpt_dev_2000.json,
 those of 8-200 tokens), the same for every server. Tokens are counted by tokenizing each streamed reply with the
 model's tokenizer (transformers serve sends no usage in streams). Aggregate tokens/s = all tokens / wall time
-from the first request to the last token; TTFT is from sending a request to its first content chunk. Printed as
+from the first request to the last token; CPU ms per token = the server process's CPU time (all threads) over
+those tokens; TTFT is from sending a request to its first content chunk. Printed as
 ratios against transformers serve --continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one
 client >= before's).
 
@@ -126,6 +127,13 @@ def one_client(port, model, single, new_tokens, tokenizer):
     return count_tokens(tokenizer, result) / (result["end"] - result["start"])
 
 
+def cpu_seconds(pid):
+    """CPU time the server process has used, all its threads (Linux /proc): a second measure beside the wall
+    clock, one that a busy neighbour on a shared machine does not inflate as much."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def many_clients(port, model, qs, new_tokens, tokenizer):
     """len(qs) clients at once: aggregate tokens/s (all tokens / first request to last token) and the worst TTFT."""
     results = [{} for _ in qs]
@@ -147,15 +155,16 @@ def summarize(rounds):
     median = statistics.median
     ratio = lambda a, b, key: median(x[key] / y[key] for x, y in zip(rounds[a], rounds[b]))
     has = lambda name, key: name in rounds and key in rounds[name][0]
-    print("\n| server | aggregate tokens/s | worst TTFT | one client tokens/s |"
+    print("\n| server | aggregate tokens/s | CPU ms per token | worst TTFT | one client tokens/s |"
           + (" aggregate vs serve-cb |" if has("serve-cb", "aggregate") else "")
-          + "\n|---|---|---|---|" + ("---|" if has("serve-cb", "aggregate") else ""))
+          + "\n|---|---|---|---|---|" + ("---|" if has("serve-cb", "aggregate") else ""))
     for name, rows in rounds.items():
         aggregate = f"{median(r['aggregate'] for r in rows):.1f}" if has(name, "aggregate") else "—"
         ttft = f"{max(r['ttft'] for r in rows):.2f} s" if has(name, "aggregate") else "—"
+        cpu = f"{median(r['cpu_ms'] for r in rows):.0f}" if has(name, "aggregate") else "—"
         versus = ((f" {ratio(name, 'serve-cb', 'aggregate'):.2f}x |" if has(name, "aggregate") else " — |")
                   if has("serve-cb", "aggregate") else "")
-        print(f"| {name} | {aggregate} | {ttft} | {median(r['one'] for r in rows):.1f} |{versus}")
+        print(f"| {name} | {aggregate} | {cpu} | {ttft} | {median(r['one'] for r in rows):.1f} |{versus}")
     print(f"(medians over {len(next(iter(rounds.values())))} rounds; worst TTFT = the worst of all rounds)")
     if "ours" in rounds and "before" in rounds:
         print(f"one client, ours / before: {ratio('ours', 'before', 'one'):.2f}x (target >= 1)")
@@ -216,20 +225,24 @@ def main(argv=None):
         for name in names:  # all servers up at once, idle but one: each round measures them in turn
             port = free_port()
             log = running.enter_context(open(Path(tmp) / f"{name}.log", "w"))
-            running.callback(stop, start(servers[name] + ["--port", str(port)], port, log))
+            process = start(servers[name] + ["--port", str(port)], port, log)
+            running.callback(stop, process)
             model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
             stream_one(port, model_id, "Say hello.", 4, {})  # warm-up: lazy loading, first-call allocations
-            ports[name] = port, model_id
+            ports[name] = port, model_id, process.pid
         rounds = {name: [] for name in names}
         for r in range(args.rounds):  # alternating order: a slow minute of a shared machine hits every server
             for name in (names if r % 2 == 0 else names[::-1]):
-                port, model_id = ports[name]
+                port, model_id, pid = ports[name]
                 row = dict(one=one_client(port, model_id, single, args.new_tokens, tokenizer))
                 if name != "before" or args.before_concurrent:
+                    used = cpu_seconds(pid)
                     row.update(many_clients(port, model_id, qs, args.new_tokens, tokenizer))
+                    row["cpu_ms"] = (cpu_seconds(pid) - used) * 1000 / row["tokens"]
                 rounds[name].append(row)
-                together = (f"aggregate {row['aggregate']:6.1f} tokens/s ({row['tokens']} tokens), worst TTFT "
-                            f"{row['ttft']:5.2f} s, " if "aggregate" in row else "")
+                together = (f"aggregate {row['aggregate']:6.1f} tokens/s ({row['tokens']} tokens, "
+                            f"{row['cpu_ms']:.0f} CPU ms each), worst TTFT {row['ttft']:5.2f} s, "
+                            if "aggregate" in row else "")
                 print(f"  round {r + 1}  {name:9s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
     summarize(rounds)
     print(f"(server logs in {tmp})")
