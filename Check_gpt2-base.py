@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -971,9 +972,36 @@ def real_weight_inputs(inputs, weights_dir):
         return None
 
 
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's tanh GELU, under its two names
+
+
+def with_gpt2_activation(weights_dir, workdir):
+    """The model under check is GPT-2, with GPT-2's tanh GELU. Weights trained with another activation (Pretraining.py
+    trains with the exact GELU by default) are checked as GPT-2: a directory whose config.json names gelu_new, beside
+    links to (or, where links are not allowed, copies of) the same weight files. Returns (directory, the activation
+    replaced or None)."""
+    config = json.loads((Path(weights_dir) / "config.json").read_text())
+    activation = config.get("activation_function", "gelu_new")
+    if activation in GPT2_ACTIVATIONS:
+        return weights_dir, None
+    target = Path(workdir) / "as-gpt2"
+    target.mkdir()
+    for file in Path(weights_dir).iterdir():
+        if file.is_file() and file.name != "config.json":
+            try:
+                (target / file.name).symlink_to(file.resolve())
+            except OSError:  # Windows without the right to make links
+                shutil.copy2(file, target / file.name)
+    (target / "config.json").write_text(json.dumps(dict(config, activation_function="gelu_new"), indent=2))
+    return target, activation
+
+
 def weight_sets(args, workdir):
     """[(directory, description, real)]: the user's weights, then the stress weights (unless they are the same)."""
     weights_dir, description, real = prepare_weights(args.model or str(DEFAULT_MODEL), workdir, args.model is None)
+    weights_dir, replaced = with_gpt2_activation(weights_dir, workdir)
+    if replaced:
+        description += f" (trained with the activation {replaced!r}; checked as GPT-2, with its tanh GELU)"
     sets = [(weights_dir, description, real)]
     if not description.startswith("random weights"):
         stress = Path(workdir) / "stress"
@@ -994,10 +1022,6 @@ def check_weight_set(candidate, weights_dir, description, real, device):
     from transformers import GPT2Config
 
     config = GPT2Config.from_pretrained(weights_dir)
-    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):  # e.g. Pretraining.py's default
-        raise UserError(f"{weights_dir} uses the activation {config.activation_function!r}, but the GPT-2 under check "
-                        f"has GPT-2's tanh GELU (gelu_new): check it on GPT-2 weights, or a model pretrained with "
-                        f"--activation gelu_new.")
     inputs = make_inputs(config)
     tokenizer = real_weight_inputs(inputs, weights_dir) if real else None
     threads = torch.get_num_threads()

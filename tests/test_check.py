@@ -432,16 +432,21 @@ def test_cli_clear_errors(tmp_path):
     assert typo.returncode == 2 and typo.stderr.startswith("Error: unrecognized arguments: --jsn out.json")
 
 
-def test_cli_refuses_weights_with_another_activation(tmp_path):
-    """A GPT-2 from Pretraining.py (exact GELU by default) is not GPT-2: one sentence, not a false FAIL."""
-    from transformers import GPT2LMHeadModel
+def test_cli_checks_exact_gelu_weights_as_gpt2(tmp_path, tiny_setup):
+    """Weights from Pretraining.py (exact GELU by default) are checked as GPT-2 (tanh GELU), and it says so; the
+    user's directory is left as it was."""
     model = check.sensitive_random_gpt2(**TINY)
     model.config.activation_function = "gelu"
     model.save_pretrained(tmp_path / "exact-gelu")
+    before = (tmp_path / "exact-gelu" / "config.json").read_text()
     result = _run_cli("--model", str(tmp_path / "exact-gelu"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
-    assert "'gelu'" in result.stderr and "--activation gelu_new" in result.stderr
-    assert GPT2LMHeadModel.from_pretrained(tmp_path / "exact-gelu").config.activation_function == "gelu"
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trained with the activation 'gelu'; checked as GPT-2" in result.stdout
+    assert f"ALL CHECKS PASSED ({2 * N_ROWS}/{2 * N_ROWS})" in result.stdout
+    assert (tmp_path / "exact-gelu" / "config.json").read_text() == before
+    broken = tmp_path / "modeling_gpt2.py"  # an exact GELU in the file under check is still a mistake
+    broken.write_text(MODELING.read_text().replace("self.act = gelu_new", "self.act = F.gelu"))
+    assert _run_cli("--file", str(broken), "--model", str(tmp_path / "exact-gelu")).returncode == 1
 
 
 def test_offline_fallback_message(monkeypatch, tmp_path, capsys):
