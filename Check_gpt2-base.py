@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from course_utils import (
+    GELU_KERNELS,
     ArgumentParser,
     UserError,
     atomic_path,
@@ -972,9 +973,6 @@ def real_weight_inputs(inputs, weights_dir):
         return None
 
 
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's tanh GELU, under its two names
-
-
 def with_gpt2_activation(weights_dir, workdir):
     """The model under check is GPT-2, with GPT-2's tanh GELU. Weights trained with another activation (Pretraining.py
     trains with the exact GELU by default) are checked as GPT-2: a directory whose config.json names gelu_new, beside
@@ -982,7 +980,7 @@ def with_gpt2_activation(weights_dir, workdir):
     replaced or None)."""
     config = json.loads((Path(weights_dir) / "config.json").read_text())
     activation = config.get("activation_function", "gelu_new")
-    if activation in GPT2_ACTIVATIONS:
+    if GELU_KERNELS.get(activation) == "tanh":  # GPT-2's tanh GELU, under either of its names
         return weights_dir, None
     target = Path(workdir) / "as-gpt2"
     target.mkdir()

@@ -195,6 +195,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="measurements of each server, in alternating order")
     p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
     args = parse_args(p, argv)
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: give at least 1.")
     if missing_reason():
         raise UserError(missing_reason())
     if not DATA.exists():
