@@ -315,6 +315,29 @@ def test_fast_loss_and_lora_gradients_equal_the_full_logits_computation(tiny_dir
             pytest.approx(loss_ref.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_sum_equals_cross_entropy_in_both_layouts(dtype, monkeypatch):
+    """head_loss_sum (fp32 on a CPU: logits as (vocabulary, rows); bf16: rows in cache-sized passes) against
+    cross_entropy on the full logits: the summed loss and the gradient with respect to the hidden states."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16) * 0.5
+    hidden = torch.randn(23, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 300, (23,))
+    monkeypatch.setattr(sft, "LOSS_SLICE", 10)  # slices 10, 10, 3
+    monkeypatch.setattr(sft, "SOFTMAX_ROWS", 4)
+    loss = sft.head_loss_sum(hidden, weight, targets)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    logits = (reference_hidden @ weight.to(dtype).t()).float()
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    reference.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, reference, rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad.float(), rtol=tol, atol=tol)
+    with torch.no_grad():  # evaluation: the same number, no gradient work
+        assert sft.head_loss_sum(hidden.detach(), weight, targets).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
 def test_keep_mask_drops_with_the_asked_probability_and_keeps_the_expectation():
     x = torch.empty(400, 1000)
     for p in (0.05, 0.1, 0.5):
@@ -379,16 +402,26 @@ def test_lean_dropout_and_lora_equal_peft_with_the_same_masks(tiny_dir, impl, dt
         masks.append((keep, scale))
         return keep, scale
 
+    in_place = []  # base outputs computed fresh, with the LoRA term added in place (GPT-2's Conv1D)
+    fresh_conv1d = sft.frozen_conv1d_output
+
+    def counting(layer, x):
+        out = fresh_conv1d(layer, x)
+        in_place.append(out is not None)
+        return out
+
     ids = torch.randint(0, 200, (2, 24))
     lean, reference = model(True), model(False)
     assert lean.state_dict().keys() == reference.state_dict().keys()
     monkeypatch.setattr(sft, "keep_mask", recording)
+    monkeypatch.setattr(sft, "frozen_conv1d_output", counting)
     loss = lean(input_ids=ids, labels=ids).loss
     monkeypatch.undo()
     n_masks = len(masks)
     assert n_masks == 1 + 2 * 2 + 4 * 2  # embeddings, 2 residual dropouts and 4 LoRA layers per block, 2 blocks
     ran = grad_fn_names(loss)
     assert ran.count("DropoutLinearBackward") == 4 * 2 and "AddmmBackward0" in ran  # the lean LoRA path ran
+    assert in_place == [True] * 4 * 2 and "CopySlices" not in ran  # no copy of the base output, no view rebase
     for module in reference.modules():
         if type(module) is torch.nn.Dropout:
             module.register_forward_hook(replay)
