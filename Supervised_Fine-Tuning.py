@@ -737,14 +737,14 @@ def use_lean_lora(model):
         else:
             low_rank = torch.nn.functional.dropout(x, p) @ weight_a.to(x.dtype).t()
         low_rank = low_rank.reshape(-1, low_rank.shape[-1])
-        base = frozen_conv1d_output(layer.base_layer, x)
-        if base is not None:  # a fresh tensor that nothing has saved: the LoRA term is added in place
-            weight_b = (layer.lora_B[name].weight * layer.scaling[name]).to(base.dtype)  # (out, r): small
-            return base.addmm_(low_rank, weight_b.t()).view(*x.shape[:-1], base.shape[-1])
-        result = layer.base_layer(x)
-        weight_b = (layer.lora_B[name].weight * layer.scaling[name]).to(result.dtype)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank, weight_b.t())
-        return flat.view(result.shape)  # result + scaling * lora_B(lora_A(dropout(x))), in one pass
+        fresh = frozen_conv1d_output(layer.base_layer, x)  # (rows, out); not reshaped: a view would cost a copy
+        flat = fresh if fresh is not None else layer.base_layer(x).flatten(0, -2)
+        weight_b = (layer.lora_B[name].weight * layer.scaling[name]).to(flat.dtype)  # (out, r): small
+        if fresh is not None:  # a fresh tensor that nothing has saved: the LoRA term is added in place
+            flat = flat.addmm_(low_rank, weight_b.t())
+        else:
+            flat = torch.addmm(flat, low_rank, weight_b.t())
+        return flat.view(*x.shape[:-1], flat.shape[-1])  # result + scaling * lora_B(lora_A(dropout(x)))
 
     for layer in model.modules():
         if isinstance(layer, LoraLinear) and layer.lora_A and all(a.bias is None for a in layer.lora_A.values()):
