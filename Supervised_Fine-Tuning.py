@@ -44,6 +44,7 @@ from course_utils import (
     atomic_path,
     cpu_supports_bf16,
     gpt2_model_class,
+    keep_freed_memory,
     local_or_hub,
     parse_args,
     pick_device,
@@ -571,12 +572,12 @@ def pick_quant(choice, cuda):
 
 
 # Peak resident memory of a CPU run at GPT-2 124M's shape, from bench/bench_sft.py (see the README; its first
-# batch is the longest, 4 windows of 1024 tokens): 5.22 GB in fp32 and 3.18 GB in bf16 (a CPU with AMX, with the
-# lean dropout and LoRA below; 8.2 GB for the handout's recipe). So: a fixed part (libraries, weights,
-# optimizer) plus activations per token of the batch. With gradient checkpointing only each block's input is
-# kept (the figures for it are estimates, not measured).
+# batch is the longest, 4 windows of 1024 tokens): 5.48 GB in fp32 and 3.04 GB in bf16 (2-core AMD EPYC, with
+# the lean dropout and LoRA below and keep_freed_memory; 8.4 GB for the handout's recipe). So: a fixed part
+# (libraries, weights, optimizer) plus activations per token of the batch. With gradient checkpointing only each
+# block's input is kept (the figures for it are estimates, not measured).
 MEMORY_FIXED_GB = 1.2
-ACTIVATION_MB_PER_TOKEN = {("bf16", False): 0.50, ("fp32", False): 1.00, ("bf16", True): 0.25, ("fp32", True): 0.35}
+ACTIVATION_MB_PER_TOKEN = {("bf16", False): 0.50, ("fp32", False): 1.10, ("bf16", True): 0.25, ("fp32", True): 0.35}
 
 
 def check_memory(batch_size, max_length, bf16, checkpointing):
@@ -813,6 +814,7 @@ def load_model(args, model_path, recipe):
     import torch
     if not recipe.cuda:
         check_memory(args.batch_size, args.max_length, recipe.pure_bf16, recipe.checkpointing)
+        keep_freed_memory()  # each step's activations reuse the last step's memory instead of faulting it in anew
     compute_dtype = torch.bfloat16 if recipe.dtype == "bf16" else torch.float16
     base_dtype = torch.bfloat16 if recipe.pure_bf16 else torch.float32
     model = load_base_model(model_path, args.model_impl, recipe.quant, compute_dtype, base_dtype, args.attn_dropout)

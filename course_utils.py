@@ -235,6 +235,29 @@ def cpu_supports_bf16():
         return False
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameter numbers (malloc.h)
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep the memory of freed tensors for the next ones, for CPU training.
+
+    By default glibc hands every allocation over 32 MB (a training step's activations and their gradients)
+    straight back to the operating system when it is freed, and the next step gets it back page by page, each
+    page zeroed by the kernel: about 750,000 page faults and 4 s of kernel time per Task 8 fp32 step at batch
+    4 x 990 tokens on our 2-core CPU. With mmap and trimming off, freed blocks are reused instead (after the heap
+    has grown by a few blocks: the peak went from 5.12 to 5.48 GB in that fp32 run). Returns whether glibc accepted
+    the setting (False on macOS and Windows, where nothing changes)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    most = ctypes.c_int(2**31 - 1)  # the largest value mallopt accepts: 2 GB, more than any one tensor here
+    return bool(mallopt(M_MMAP_THRESHOLD, most)) and bool(mallopt(M_TRIM_THRESHOLD, most))
+
+
 def pick_dtype(name, device, cpu_bf16=None):
     """--dtype: 'fp32', 'bf16' or 'fp16' for `device`. auto = bf16 on a GPU that has it, else fp16; on a CPU bf16
     when `cpu_bf16` (default: the CPU has bf16 units), else fp32. fp16 on a CPU is refused: it is emulated there."""
