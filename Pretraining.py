@@ -45,6 +45,7 @@ from course_utils import (
     atomic_path,
     cpu_supports_bf16,
     gpt2_model_class,
+    keep_freed_memory,
     parse_args,
     pick_device,
     pick_dtype,
@@ -412,23 +413,6 @@ def use_fast_cpu_bf16_attention(model, device, dtype, block_size):
     The same formula: tests/test_pretraining.py checks its logits and gradients against the fused kernel's."""
     if device == "cpu" and dtype == "bf16" and block_size <= 512:
         model.set_attn_implementation("eager")
-
-
-def keep_freed_memory_on_cpu():
-    """Stops glibc from handing big freed blocks back to the OS. A training step frees and re-allocates the same
-    large tensors (activations, logits, gradients); by default each one larger than a few MB is a fresh mmap, and
-    the kernel zero-fills every page of it again on first touch. Keeping them in the heap saves that: at 124M,
-    batch 4 x 256 on the course's CPU, 3.00 s instead of 3.57 s a step in fp32, 1.32 s instead of 1.56 s in bf16.
-    Peak memory stays about the same (the same tensors are alive); the memory freed after the peak stays with the
-    process until it ends. Only on Linux with glibc; elsewhere nothing changes."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # macOS, Windows, musl: their allocators behave differently
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    libc.mallopt(M_MMAP_MAX, 0)  # no mmap for big blocks: they come from (and go back to) the heap
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and freed heap memory is not returned to the OS
 
 
 class MasterWeights:
@@ -876,7 +860,7 @@ def main(argv=None):
     try:
         rank, world, device = setup_distributed(args)
         if device == "cpu":
-            keep_freed_memory_on_cpu()
+            keep_freed_memory()  # each step reuses the last step's memory (course_utils says why)
         checkpoint = load_checkpoint(args)
         tok, train_data, val_data, block_size = load_corpus(args, rank, world, checkpoint)
         config = model_config(args, tok, checkpoint)

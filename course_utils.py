@@ -235,27 +235,26 @@ def cpu_supports_bf16():
         return False
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameter numbers (malloc.h)
-
-
 def keep_freed_memory():
-    """Ask glibc's malloc to keep the memory of freed tensors for the next ones, for CPU training.
+    """Stop glibc from handing big freed blocks back to the operating system, for CPU training.
 
-    By default glibc hands every allocation over 32 MB (a training step's activations and their gradients)
-    straight back to the operating system when it is freed, and the next step gets it back page by page, each
-    page zeroed by the kernel: about 750,000 page faults and 4 s of kernel time per Task 8 fp32 step at batch
-    4 x 990 tokens on our 2-core CPU. With mmap and trimming off, freed blocks are reused instead (after the heap
-    has grown by a few blocks: the peak went from 5.12 to 5.48 GB in that fp32 run). Returns whether glibc accepted
-    the setting (False on macOS and Windows, where nothing changes)."""
+    A training step frees and re-allocates the same large tensors (activations, logits, gradients). By default
+    glibc serves each one over 32 MB with a fresh mmap and unmaps it when it is freed, and the kernel zero-fills
+    every page again on first touch. Kept in the heap, they are reused instead. Measured on the course's 2-core CPUs:
+    Task 5 at 124M, batch 4 x 256: 3.00 s instead of 3.57 s a step in fp32, 1.32 s instead of 1.56 s in bf16; Task 8
+    fp32 at batch 4 x 990: 1.25 M page faults instead of 4.2 M over 4 steps, 17.7 s instead of 20.3 s a step. The
+    heap grows by a few blocks before freed neighbours merge into reusable ones (Task 8 fp32 peak 5.48 instead of
+    5.12 GB), and memory freed after the peak stays with the process until it ends.
+    Returns whether glibc took the setting (not on macOS, Windows or musl, whose allocators behave differently)."""
     import ctypes
-    import ctypes.util
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    most = ctypes.c_int(2**31 - 1)  # the largest value mallopt accepts: 2 GB, more than any one tensor here
-    return bool(mallopt(M_MMAP_THRESHOLD, most)) and bool(mallopt(M_TRIM_THRESHOLD, most))
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    no_mmap = mallopt(M_MMAP_MAX, 0)  # no mmap for big blocks: they come from (and go back to) the heap
+    no_trim = mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and freed heap memory is not returned to the OS
+    return bool(no_mmap and no_trim)
 
 
 def pick_dtype(name, device, cpu_bf16=None):

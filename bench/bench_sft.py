@@ -9,7 +9,9 @@ Trainer, one batch per optimizer step:
              DataCollatorForLanguageModeling (labels = inputs), random batches, the model as loaded (fp32,
              GPT-2's dropouts), bf16 = Trainer's autocast
   this     : Supervised_Fine-Tuning.py's own main() with --max-steps: assistant-only labels, windows of up
-             to 1024 tokens, length-grouped batches, its loss on labelled positions only, bf16 = a bf16 base
+             to 1024 tokens, length-grouped batches, its loss on labelled positions only, bf16 = a bf16 base,
+             and on a CPU glibc's malloc told to keep freed memory (--original-keeps-freed-memory gives the
+             original recipe that setting too, to see what it alone is worth)
 
 Each run is a subprocess of its own (so its peak resident memory, VmHWM, is its own), run one after the
 other, alternating recipes. Throughput = real (non-pad) tokens per second of training steps, after one
@@ -30,7 +32,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from course_utils import ArgumentParser, UserError, gpt2_model_class, load_script, parse_args, run_main  # noqa: E402
+from course_utils import (  # noqa: E402
+    ArgumentParser,
+    UserError,
+    gpt2_model_class,
+    keep_freed_memory,
+    load_script,
+    parse_args,
+    run_main,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,6 +97,8 @@ def worker_original(opts):
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     sft = load_sft()
+    if opts.original_keeps_freed_memory:  # to see how much of the gap is the allocator setting alone
+        keep_freed_memory()
     tok = AutoTokenizer.from_pretrained(opts.work)
     convs, _ = sft.load_conversations(os.path.join(opts.work, "conversations.json"))
     texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
@@ -196,7 +208,7 @@ def prepare(args):
 def run_worker(args, recipe, precision):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", recipe, "--dtype", precision,
            "--work", args.work, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--model-impl", args.model_impl]
+           "--model-impl", args.model_impl] + ["--original-keeps-freed-memory"] * args.original_keeps_freed_memory
     run = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
@@ -217,6 +229,8 @@ def main(argv=None):
     p.add_argument("--no-default", action="store_true", help="skip the run of the script at its CPU default")
     p.add_argument("--model-impl", choices=["repo", "transformers"], default="repo",
                    help="which GPT-2 code: repo = gpt2/modeling_gpt2.py (Task 4), transformers = GPT2LMHeadModel")
+    p.add_argument("--original-keeps-freed-memory", action="store_true",
+                   help="give the original recipe the script's malloc setting too (keep_freed_memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["original", "this"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)  # one worker's: fp32, bf16 or default

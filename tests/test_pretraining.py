@@ -372,20 +372,6 @@ def test_cpu_bf16_takes_the_textbook_attention_for_short_blocks_and_it_computes_
         torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=1e-3, msg=name)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_freed_memory_stays_with_the_process_on_cpu():
-    """After keep_freed_memory_on_cpu a freed 400 MB tensor is kept for the next step (resident memory stays);
-    without it glibc gives it back to the OS at once, to be page-faulted in again."""
-    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from course_utils import load_script\n"
-             "P = load_script(sys.argv[1] + '/Pretraining.py')\n"
-             "if sys.argv[2] == 'keep': P.keep_freed_memory_on_cpu()\n"
-             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
-             "before = rss(); x = torch.ones(100 * 2**20); del x; print(rss() - before)")
-    kept = {mode: int(subprocess.run([sys.executable, "-c", probe, str(ROOT), mode], capture_output=True, text=True,
-                                     check=True).stdout.split()[-1]) for mode in ("keep", "default")}
-    assert kept["keep"] > 350 and kept["default"] < 50, kept
-
-
 def test_master_weights_sum_bf16_gradients_in_fp32_and_keep_the_tie():
     model = tiny_model()
     mixed = Pretraining.MasterWeights(model)
