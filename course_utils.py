@@ -5,7 +5,8 @@
    hidden aliases.
 2. Weights and data: a local directory first, then the hub cache, then a download (said aloud), else one sentence
    that names the directory to create; and which GPT-2 code loads them (this repository's or transformers').
-3. Device and dtype: `--device {auto,cpu,cuda,cuda:N}` and `--dtype {auto,fp32,bf16,fp16}` mean the same everywhere.
+3. Device and dtype: `--device {auto,cpu,cuda,cuda:N}` and `--dtype {auto,fp32,bf16,fp16}` mean the same everywhere;
+   CPU training keeps freed memory for the next step (`keep_freed_memory`).
 4. Files: atomic writes (a reader sees the old file or the whole new one, never half), and the loss-curve plot.
 5. For tests and benches: loading a script by its path (the scripts' names, like `A+B_Problem.py`, are not
    importable names).
