@@ -140,6 +140,19 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     assert before > 8 * 16  # glibc gave the memory back each time (16,384 faults in 4 kB pages, 32 in 2 MB ones)
     assert after * 10 < before  # now freed blocks are reused
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_stays_with_the_process_on_cpu():
+    """After keep_freed_memory a freed 400 MB tensor is kept for the next step (resident memory stays);
+    without it glibc gives it back to the OS at once, to be page-faulted in again."""
+    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import course_utils\n"
+             "if sys.argv[2] == 'keep': course_utils.keep_freed_memory()\n"
+             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+             "before = rss(); x = torch.ones(100 * 2**20); del x; print(rss() - before)")
+    kept = {mode: int(subprocess.run([sys.executable, "-c", probe, str(ROOT), mode], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    assert kept["keep"] > 350 and kept["default"] < 50, kept
+
 # ------------------------------------------------------------------------------------------------ files
 def test_atomic_file_and_directory(tmp_path):
     target = tmp_path / "sub" / "report.json"
