@@ -10,7 +10,8 @@ the same directory (fp32 weights) for every server, on this CPU. The bench start
                  timed; --before-concurrent times its 8 clients too)
   serve          transformers serve DIR                           (plain; dtype auto = the weights' fp32)
   serve-cb       transformers serve DIR --continuous-batching
-  serve-cb-bf16  transformers serve DIR --continuous-batching --dtype bfloat16
+  serve-cb-bf16  transformers serve DIR --continuous-batching --dtype bfloat16, with ours' cache size (64 blocks
+                 of 256 tokens, 1024 tokens a step): at its default the cache takes a share of all RAM (14 GB here)
 All servers run at once (idle but the one measured) and are measured in --rounds rounds, in alternating order
 (this shared machine's speed moves by tens of percent from minute to minute; a ratio is the median of the
 per-round ratios). In each round, against each: one client alone (its tokens/s: the latency a single user
@@ -152,22 +153,31 @@ def many_clients(port, model, qs, new_tokens, tokenizer):
     return dict(aggregate=tokens / (end - start), tokens=tokens, ttft=max(r["first"] - r["start"] for r in results))
 
 
-def summarize(rounds):
+def peak_gb(pid):
+    """The server process's peak resident memory so far (Linux /proc: VmHWM), in GB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def summarize(rounds, peaks):
     """Medians over the rounds, and each ratio as the median of its per-round ratios (both servers measured
     minutes apart, in the same conditions)."""
     median = statistics.median
     ratio = lambda a, b, key: median(x[key] / y[key] for x, y in zip(rounds[a], rounds[b]))
     has = lambda name, key: name in rounds and key in rounds[name][0]
     versus = [b for b in ("serve-cb", "serve-cb-bf16") if has(b, "aggregate")]
-    print("\n| server | aggregate tokens/s | CPU ms per token | worst TTFT | one client tokens/s |"
-          + "".join(f" aggregate vs {b} |" for b in versus) + "\n|---|---|---|---|---|" + "---|" * len(versus))
+    print("\n| server | aggregate tokens/s | CPU ms per token | worst TTFT | one client tokens/s | peak memory |"
+          + "".join(f" aggregate vs {b} |" for b in versus) + "\n|---|---|---|---|---|---|" + "---|" * len(versus))
     for name, rows in rounds.items():
         together = has(name, "aggregate")
         aggregate = f"{median(r['aggregate'] for r in rows):.1f}" if together else "—"
         ttft = f"{max(r['ttft'] for r in rows):.2f} s" if together else "—"
         cpu = f"{median(r['cpu_ms'] for r in rows):.0f}" if together else "—"
         ratios = "".join(f" {ratio(name, b, 'aggregate'):.2f}x |" if together else " — |" for b in versus)
-        print(f"| {name} | {aggregate} | {cpu} | {ttft} | {median(r['one'] for r in rows):.1f} |{ratios}")
+        one = median(r["one"] for r in rows)
+        print(f"| {name} | {aggregate} | {cpu} | {ttft} | {one:.1f} | {peaks[name]:.2f} GB |{ratios}")
     print(f"(medians over {len(next(iter(rounds.values())))} rounds; worst TTFT = the worst of all rounds)")
     for ours in ("ours", "ours-fp32"):
         if ours in rounds and "before" in rounds:
@@ -222,7 +232,10 @@ def main(argv=None):
         "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
         "serve": serve,
         "serve-cb": serve + ["--continuous-batching"],
-        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16"],
+        # its cache sized like ours: at the library's default a CPU server takes 14 GB (a share of all RAM), and two
+        # such servers do not fit beside each other in 24 GB
+        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16", "--cb-num-blocks", "64",
+                                  "--cb-max-batch-tokens", "1024"],
     }
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
     print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; ours at --dtype auto = "
@@ -255,7 +268,8 @@ def main(argv=None):
                             f"{row['cpu_ms']:.0f} CPU ms each), worst TTFT {row['ttft']:5.2f} s, "
                             if "aggregate" in row else "")
                 print(f"  round {r + 1}  {name:13s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
-    summarize(rounds)
+        peaks = {name: peak_gb(ports[name][2]) for name in names}
+    summarize(rounds, peaks)
     print(f"(server logs in {tmp})")
 
 

@@ -506,6 +506,12 @@ def test_lora_adapter_dir_is_loaded_and_merged(engine, tiny_dir, tmp_path):
     text = "".join(lora.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
     assert text == "".join(merged.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
     assert text != "".join(engine.reply(QUESTIONS[0], max_new_tokens=16, temperature=0))
+    # bf16, the default on a CPU with bf16 units: base and adapter in bf16, and it answers
+    model, tokenizer, _ = ChatGLM.load_model(str(tmp_path / "adapter"), device="cpu", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reply = ChatGLM.ChatEngine(model, tokenizer, "bf16", batching="generate").reply(
+        QUESTIONS[0], max_new_tokens=16, temperature=0)
+    assert "".join(reply) == reply.text and reply.completion_tokens > 0
 
 
 def test_a_hub_id_is_converted_into_the_course_layout_not_the_hub_cache(tmp_path, monkeypatch):
