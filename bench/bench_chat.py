@@ -200,6 +200,24 @@ def before_script(tmp):
     return path, revision
 
 
+def server_commands(model_dir, before):
+    """The command line of each server the bench can start (see the docstring at the top)."""
+    ours = [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature", "0"]
+    cli = Path(sys.executable).parent / "transformers"  # the `transformers` command of this environment
+    serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
+    return {
+        "ours": ours,
+        "ours-fp32": ours + ["--dtype", "fp32"],
+        "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
+        "serve": serve,
+        "serve-cb": serve + ["--continuous-batching"],
+        # its cache sized like ours: at the library's default a CPU server takes 14 GB (a share of all RAM), and two
+        # such servers do not fit beside each other in 24 GB
+        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16", "--cb-num-blocks", "64",
+                                  "--cb-max-batch-tokens", "1024"],
+    }
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8)
@@ -223,20 +241,7 @@ def main(argv=None):
     single, qs = qs[0], qs[1:]
     tmp = tempfile.mkdtemp(prefix="bench-chat-")
     before, revision = before_script(tmp)
-    cli = Path(sys.executable).parent / "transformers"  # the `transformers` command of this environment
-    serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
-    servers = {
-        "ours": [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature", "0"],
-        "ours-fp32": [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature",
-                      "0", "--dtype", "fp32"],
-        "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
-        "serve": serve,
-        "serve-cb": serve + ["--continuous-batching"],
-        # its cache sized like ours: at the library's default a CPU server takes 14 GB (a share of all RAM), and two
-        # such servers do not fit beside each other in 24 GB
-        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16", "--cb-num-blocks", "64",
-                                  "--cb-max-batch-tokens", "1024"],
-    }
+    servers = server_commands(model_dir, before)
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
     print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; ours at --dtype auto = "
           f"{pick_dtype('auto', 'cpu')} on this CPU; machine: {platform.machine()} CPU, "
