@@ -71,13 +71,16 @@ class Options:
                 or self.presence_penalty != 0 or self.frequency_penalty != 0 or bool(self.logit_bias))
 
 
+MAX_BATCH = 8  # requests computed together at most (ChatGLM.py's setting; bench_chat sizes serve-cb-bf16 from it)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The engine: model + tokenizer + template; one reply per request
 # ---------------------------------------------------------------------------------------------------------------
 class ChatEngine:
     """One model shared by every front end and every concurrent request."""
 
-    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=8, around=nullcontext,
+    def __init__(self, model, tokenizer, name="model", batching="auto", max_batch=MAX_BATCH, around=nullcontext,
                  sampling=True):
         """batching: "auto" (continuous batching when the model supports it), "paged" or "generate".
         around: a context every generate() call runs in (Task 8's --compare: the adapter switched off).
@@ -85,7 +88,7 @@ class ChatEngine:
         then picks the top token directly, without sorting the vocabulary for each request at every step, and the
         rare sampling request goes through generate()."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.context_window = context_window(model, tokenizer)
+        self.context_window = context_window(model.config, tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = list(dict.fromkeys(i for i in eos + [tokenizer.eos_token_id] if i is not None)) or [0]
@@ -157,9 +160,8 @@ class ChatEngine:
         self.batched.close()
 
 
-def context_window(model, tokenizer):
+def context_window(config, tokenizer):
     """How many tokens the model sees (prompt + reply), from its config."""
-    config = model.config
     for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -334,6 +336,13 @@ class Reply:
 # ---------------------------------------------------------------------------------------------------------------
 # Backend 1: transformers' continuous batching (paged attention), for models that support it
 # ---------------------------------------------------------------------------------------------------------------
+def cpu_cache_sizes(max_batch, context_window):
+    """The continuous-batching cache on a CPU: room for max_batch requests of up to 2048 tokens, in blocks of 256
+    tokens, and at most 1024 tokens a step (transformers' default on a CPU takes a share of all RAM: 13.6 GB for
+    SmolLM2-135M on a 24 GB machine)."""
+    return dict(num_blocks=max_batch * max(1, min(context_window, 2048) // 256), max_batch_tokens=1024)
+
+
 class Paged:
     """Requests join and leave the running batch at every step: transformers' own scheduler does it
     (model.init_continuous_batching, the machinery of `transformers serve --continuous-batching`).
@@ -352,9 +361,8 @@ class Paged:
         config = GenerationConfig(do_sample=sampling, max_new_tokens=engine.context_window,
                                   eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id,
                                   **(dict(temperature=0.5, top_p=0.5, top_k=self.top_k) if sampling else {}))
-        sizes = {}
-        if model.device.type == "cpu":  # on a GPU the library sizes the cache from free memory
-            sizes = dict(num_blocks=max_batch * max(1, min(engine.context_window, 2048) // 256), max_batch_tokens=1024)
+        # on a GPU the library sizes the cache from free memory; on a CPU it would take a share of all RAM
+        sizes = cpu_cache_sizes(max_batch, engine.context_window) if model.device.type == "cpu" else {}
         cb_config = ContinuousBatchingConfig(per_request_processors=sampling, **sizes)
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
         self.replies, self.lock = {}, threading.Lock()

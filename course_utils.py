@@ -258,6 +258,12 @@ def keep_freed_memory():
     return bool(no_mmap and no_trim)
 
 
+def peak_rss_gb(pid="self"):
+    """Peak resident memory of a process so far (Linux /proc VmHWM), in GB of 2**30 bytes: what the benches print."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
+
+
 def pick_dtype(name, device, cpu_bf16=None):
     """--dtype: 'fp32', 'bf16' or 'fp16' for `device`. auto = bf16 on a GPU that has it, else fp16; on a CPU bf16
     when `cpu_bf16` (default: the CPU has bf16 units), else fp32. fp16 on a CPU is refused: it is emulated there."""

@@ -10,7 +10,7 @@ the same directory (fp32 weights) for every server, on this CPU. The bench start
   serve          transformers serve DIR                           (plain; dtype auto = the weights' fp32)
   serve-cb       transformers serve DIR --continuous-batching
   serve-cb-bf16  transformers serve DIR --continuous-batching --dtype bfloat16, with ours' cache size (64 blocks
-                 of 256 tokens, 1024 tokens a step): at its default the cache takes a share of all RAM (14 GB here)
+                 of 256 tokens, 1024 tokens a step): at its default the cache takes a share of all RAM (13.6 GB here)
 All servers run at once (idle but the one measured) and are measured in --rounds rounds, in alternating order
 (this shared machine's speed moves by tens of percent from minute to minute; a ratio is the median of the
 per-round ratios). In each round, against each: one client alone (its tokens/s: the latency a single user
@@ -42,10 +42,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from course_utils import ArgumentParser, UserError, cpu_supports_bf16, parse_args, run_main  # noqa: E402
+from course_utils import ArgumentParser, UserError, cpu_supports_bf16, parse_args, peak_rss_gb, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from chat_engine import MAX_BATCH, context_window, cpu_cache_sizes  # noqa: E402
 from smollm2 import missing_reason, smollm2_dir  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "sharegpt_dev_2000.json"
@@ -152,14 +153,6 @@ def many_clients(port, model, qs, new_tokens, tokenizer):
     return dict(aggregate=tokens / (end - start), tokens=tokens, ttft=max(r["first"] - r["start"] for r in results))
 
 
-def peak_gb(pid):
-    """The server process's peak resident memory so far (Linux /proc: VmHWM), in GB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return float("nan")
-
-
 def summarize(rounds, peaks):
     """Medians over the rounds, and each ratio as the median of its per-round ratios (both servers measured
     minutes apart, in the same conditions)."""
@@ -199,8 +192,9 @@ def before_script(tmp):
     return path, revision
 
 
-def server_commands(model_dir, before):
-    """The command line of each server the bench can start (see the docstring at the top)."""
+def server_commands(model_dir, before, cache):
+    """The command line of each server the bench can start (see the docstring at the top); cache: ours' CPU cache
+    sizes (chat_engine.cpu_cache_sizes), given to serve-cb-bf16."""
     ours = [sys.executable, str(ROOT / "ChatGLM.py"), "--model", str(model_dir), "--api", "--temperature", "0"]
     cli = Path(sys.executable).parent / "transformers"  # the `transformers` command of this environment
     serve = [str(cli) if cli.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1"]
@@ -210,10 +204,10 @@ def server_commands(model_dir, before):
         "before": [sys.executable, str(before), "--model", str(model_dir), "--api", "--temperature", "0"],
         "serve": serve,
         "serve-cb": serve + ["--continuous-batching"],
-        # its cache sized like ours: at the library's default a CPU server takes 14 GB (a share of all RAM), and two
+        # its cache sized like ours: at the library's default a CPU server takes 13.6 GB (a share of all RAM), and two
         # such servers do not fit beside each other in 24 GB
-        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16", "--cb-num-blocks", "64",
-                                  "--cb-max-batch-tokens", "1024"],
+        "serve-cb-bf16": serve + ["--continuous-batching", "--dtype", "bfloat16", "--cb-num-blocks",
+                                  str(cache["num_blocks"]), "--cb-max-batch-tokens", str(cache["max_batch_tokens"])],
     }
 
 
@@ -224,7 +218,7 @@ def main(argv=None):
     p.add_argument("--skip-before", action="store_true", help="do not measure ChatGLM.py before the engine")
     p.add_argument("--before-concurrent", action="store_true", help="also time 8 clients on it (serial: minutes)")
     p.add_argument("--rounds", type=int, default=3, help="measurements of each server, in alternating order")
-    p.add_argument("--only", nargs="*", default=None, 
+    p.add_argument("--only", nargs="*", default=None,
                    help="servers to run (ours ours-bf16 before serve serve-cb serve-cb-bf16)")
     args = parse_args(p, argv)
     if args.rounds < 1:
@@ -233,14 +227,15 @@ def main(argv=None):
         raise UserError(missing_reason())
     if not DATA.exists():
         raise UserError(f"{DATA} is missing: the bench reads its questions from ../shared.")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     qs = questions(tokenizer, args.clients + 1)
     single, qs = qs[0], qs[1:]
     tmp = tempfile.mkdtemp(prefix="bench-chat-")
     before, revision = before_script(tmp)
-    servers = server_commands(model_dir, before)
+    window = context_window(AutoConfig.from_pretrained(model_dir), tokenizer)
+    servers = server_commands(model_dir, before, cpu_cache_sizes(MAX_BATCH, window))
     names = args.only or [n for n in servers if not (n == "before" and args.skip_before)]
     print(f"model: SmolLM2-135M-Instruct ({model_dir}), fp32 weights; this CPU has bf16 units: "
           f"{cpu_supports_bf16()}; machine: {platform.machine()} CPU, "
@@ -272,7 +267,7 @@ def main(argv=None):
                             f"{row['cpu_ms']:.0f} CPU ms each), worst TTFT {row['ttft']:5.2f} s, "
                             if "aggregate" in row else "")
                 print(f"  round {r + 1}  {name:13s} {together}one client {row['one']:5.1f} tokens/s", flush=True)
-        peaks = {name: peak_gb(ports[name][2]) for name in names}
+        peaks = {name: peak_rss_gb(ports[name][2]) for name in names}
     summarize(rounds, peaks)
     print(f"(server logs in {tmp})")
 

@@ -39,6 +39,7 @@ from course_utils import (  # noqa: E402
     keep_freed_memory,
     load_script,
     parse_args,
+    peak_rss_gb,
     run_main,
 )
 
@@ -61,11 +62,6 @@ def tokenizer_dir():
     if os.path.isfile(os.path.join(shared, "vocab.json")):
         return shared, "GPT-2's real BPE (../shared/gpt2-tokenizer)"
     raise UserError("no GPT-2 tokenizer: put GPT-2's files in model/gpt2-base (or ../shared/gpt2-tokenizer).")
-
-
-def peak_rss_gb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
 class StepTimer:

@@ -153,6 +153,23 @@ def test_freed_memory_stays_with_the_process_on_cpu():
                                      check=True).stdout.split()[-1]) for mode in ("keep", "default")}
     assert kept["keep"] > 350 and kept["default"] < 50, kept
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux only")
+def test_peak_rss_of_this_process_and_of_another():
+    """The benches' peak memory: VmHWM in GB of 2**30 bytes, for this process or any process id."""
+    probe = ("import time; x = bytearray(300 * 2**20); print('up', flush=True);"
+             " time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        assert 0.29 < cu.peak_rss_gb(child.pid) < 0.5
+    finally:
+        child.kill()
+        child.wait()
+    resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    assert cu.peak_rss_gb() >= resident > 0
+
+
 # ------------------------------------------------------------------------------------------------ files
 def test_atomic_file_and_directory(tmp_path):
     target = tmp_path / "sub" / "report.json"
